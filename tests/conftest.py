@@ -1,0 +1,101 @@
+"""Fixtures: tiny local model families and helpers to run recipes (never a hub)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """tiny/sft, tiny/dpo, tiny/dpo_b in bf16, as `mergekit-expo tiny-models` builds them."""
+    from mergekit_expo.tiny import build_family
+
+    root = tmp_path_factory.mktemp("family")
+    return {k: Path(v) for k, v in build_family(str(root / "tiny")).items()}
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def expo_recipe(family, alpha=0.3, models=("dpo",), **extra) -> dict:
+    return {
+        "merge_method": "expo",
+        "base_model": str(family["sft"]),
+        "models": [{"model": str(family[name])} for name in models],
+        "parameters": {"alpha": alpha},
+        "dtype": "bfloat16",
+        **extra,
+    }
+
+
+def run_cli(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
+    """Run one of the venv's console scripts in a fresh process."""
+    result = subprocess.run(
+        [str(BIN / args[0]), *map(str, args[1:])],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def merge(recipe: dict, tmp_path: Path, name="out") -> Path:
+    """Run a recipe in-process through mergekit's own `run_merge`."""
+    import mergekit.merge
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    out = tmp_path / name
+    mergekit.merge.run_merge(
+        MergeConfiguration.model_validate(recipe),
+        str(out),
+        options=MergeOptions(quiet=True),
+        config_source=yaml.safe_dump(recipe, sort_keys=False),
+    )
+    return out
+
+
+def load(path: Path) -> dict:
+    return load_file(str(path / "model.safetensors"))
+
+
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded (nearest, ties to even) bf16 value of float64 x, as float64."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.round(mantissa * 256), exponent - 8)
+
+
+def ulp_error(out: torch.Tensor, ref64: torch.Tensor) -> torch.Tensor:
+    """|out - ref| in units of the bf16 ulp at ref."""
+    _, exponent = torch.frexp(ref64)
+    return (out.double() - ref64).abs() / torch.ldexp(torch.ones_like(ref64), exponent - 8)
+
+
+def misrounded_share(out: torch.Tensor, exact64: torch.Tensor) -> float:
+    """Share of elements farther from the exact value than its nearest bf16 value.
+
+    At exact ties both neighbours are equally near and either counts as correct;
+    the float64 `exact` is trusted to 2**-40 of an ulp.
+    """
+    nearest = bf16_round(exact64)
+    _, exponent = torch.frexp(exact64)
+    slack = torch.ldexp(torch.ones_like(exact64), exponent - 48)
+    worse = (out.double() - exact64).abs() > (nearest - exact64).abs() + slack
+    return worse.double().mean().item()
