@@ -1,5 +1,6 @@
 """Fixtures: tiny local model families and helpers to run recipes (never a hub)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -76,10 +77,14 @@ def load(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
-def bf16_round(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded (nearest, ties to even) bf16 value of float64 x, as float64."""
+def nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (float64) correctly rounded to `dtype` (ties to even, subnormals too), as float64."""
+    info = torch.finfo(dtype)
+    bits = 1 - int(math.log2(info.eps))
+    min_exponent = int(torch.frexp(torch.tensor(info.tiny))[1])
     mantissa, exponent = torch.frexp(x)
-    return torch.ldexp(torch.round(mantissa * 256), exponent - 8)
+    bits = bits - (min_exponent - exponent).clamp_min(0)
+    return torch.ldexp(torch.round(torch.ldexp(mantissa, bits)), exponent - bits)
 
 
 def ulp_error(out: torch.Tensor, ref64: torch.Tensor) -> torch.Tensor:
@@ -89,13 +94,12 @@ def ulp_error(out: torch.Tensor, ref64: torch.Tensor) -> torch.Tensor:
 
 
 def misrounded_share(out: torch.Tensor, exact64: torch.Tensor) -> float:
-    """Share of elements farther from the exact value than its nearest bf16 value.
+    """Share of elements farther from the exact value than its nearest `out.dtype` value.
 
     At exact ties both neighbours are equally near and either counts as correct;
     the float64 `exact` is trusted to 2**-40 of an ulp.
     """
-    nearest = bf16_round(exact64)
-    _, exponent = torch.frexp(exact64)
-    slack = torch.ldexp(torch.ones_like(exact64), exponent - 48)
-    worse = (out.double() - exact64).abs() > (nearest - exact64).abs() + slack
+    best = nearest(exact64, out.dtype)
+    slack = exact64.abs() * 2.0**-40
+    worse = (out.double() - exact64).abs() > (best - exact64).abs() + slack
     return worse.double().mean().item()
