@@ -4,7 +4,7 @@ Importing this package registers `expo` with mergekit; installing it does the
 same for every Python process through a start-up hook (see registration.py).
 """
 
-from mergekit_expo.method import expo_delta, expo_merge, extrapolate
+from mergekit_expo.method import decompose, expo_merge, extrapolate
 from mergekit_expo.registration import install, register
 
 try:
@@ -14,4 +14,4 @@ except ImportError:
 
 install()
 
-__all__ = ["expo_delta", "expo_merge", "extrapolate", "register"]
+__all__ = ["decompose", "expo_merge", "extrapolate", "register"]

@@ -7,7 +7,7 @@ theta2 = theta0 + (1 + alpha) * delta.
 """
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Tuple
 
 import torch
 from pydantic import AfterValidator
@@ -54,7 +54,7 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def expo_delta(
+def decompose(
     theta0: torch.Tensor,
     theta1s: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -62,43 +62,47 @@ def expo_delta(
     density: Optional[Sequence[float]] = None,
     sparsification: Literal["magnitude", "random"] = "magnitude",
     rescale: bool = True,
-) -> torch.Tensor:
-    """Weighted mean of (theta1_i - theta0) in the compute dtype, optionally sparsified."""
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(theta1, delta) in the compute dtype: the aligned point and the direction.
+
+    theta1 is the aligned model as stored, or theta0 plus the weighted mean change
+    of several. delta is the weighted mean of the changes, each sparsified when
+    its density is below 1: sparsification prunes the extrapolation, never the
+    alignment itself.
+    """
     dtype = compute_dtype(theta0, *theta1s)
-    base = theta0.to(dtype)
     total = math.fsum(weights)
     if total <= 0:
         raise ValueError(f"expo model weights must sum to a positive number, got {total}")
-    delta = torch.zeros_like(base)
-    for index, (theta1, weight) in enumerate(zip(theta1s, weights)):
-        change = theta1.to(dtype) - base
-        if density is not None and density[index] < 1:
-            change = sparsify(
-                change,
-                density=density[index],
-                method=SparsificationMethod(sparsification),
-                rescale_norm=RescaleNorm.l1 if rescale else None,
-            )
-        delta.add_(change, alpha=weight / total)
-    return delta
+    density = density or [1.0] * len(theta1s)
+    base = theta0.to(dtype)
+    changes = [theta1.to(dtype) - base for theta1 in theta1s]
+    mean_change = _weighted_sum(changes, [w / total for w in weights])
+    theta1 = theta1s[0].to(dtype) if len(theta1s) == 1 else base + mean_change
+    if all(d >= 1 for d in density):
+        return theta1, mean_change
+    pruned = [
+        sparsify(
+            change,
+            density=d,
+            method=SparsificationMethod(sparsification),
+            rescale_norm=RescaleNorm.l1 if rescale else None,
+        )
+        for change, d in zip(changes, density)
+    ]
+    return theta1, _weighted_sum(pruned, [w / total for w in weights])
 
 
-def extrapolate(
-    theta0: torch.Tensor,
-    theta1s: Sequence[torch.Tensor],
-    delta: torch.Tensor,
-    alpha: float,
-) -> torch.Tensor:
-    """theta1 + alpha * delta in the compute dtype, anchored on the stored theta1.
+def _weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    result = torch.zeros_like(tensors[0])
+    for tensor, weight in zip(tensors, weights):
+        result.add_(tensor, alpha=weight)
+    return result
 
-    The anchor keeps alpha = 0 and zero-delta elements bitwise equal to the
-    aligned model; with several models it is theta0 + delta (their mean).
-    """
-    if len(theta1s) == 1:
-        anchor = theta1s[0].to(delta.dtype)
-    else:
-        anchor = theta0.to(delta.dtype) + delta
-    return torch.add(anchor, delta, alpha=alpha)
+
+def extrapolate(theta1: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """theta1 + alpha * delta: alpha = 0 and zero-delta elements keep theta1 bitwise."""
+    return torch.add(theta1, delta, alpha=alpha)
 
 
 @merge_method(
@@ -120,7 +124,7 @@ def expo_merge(
     entries = group.non_base
     theta0 = group.base.tensor
     theta1s = [entry.tensor for entry in entries]
-    delta = expo_delta(
+    theta1, delta = decompose(
         theta0,
         theta1s,
         [weight[entry.id] for entry in entries],
@@ -128,6 +132,6 @@ def expo_merge(
         sparsification=sparsification,
         rescale=rescale,
     )
-    result = extrapolate(theta0, theta1s, delta, alpha)
+    result = extrapolate(theta1, delta, alpha)
     stats.record(group.metadata.name, alpha, delta)
     return result

@@ -78,8 +78,17 @@ def wrap_merge_module(merge_module) -> None:
 def run_expo_merge(run, merge_config, out_path, options, config_source):
     """Run an `expo` merge with one rounding, a summary, and no half-written output."""
     from mergekit_expo import stats
+    from mergekit_expo.checks import check_model_files
     from mergekit_expo.summary import log_summary
 
+    slice_bases = [s.base_model for s in merge_config.slices or []]
+    if merge_config.base_model is None and not (slice_bases and all(slice_bases)):
+        raise ValueError(
+            "expo needs base_model: the SFT checkpoint (theta0) the aligned models "
+            "were trained from"
+        )
+    for model in merge_config.referenced_models():
+        check_model_files(model, options.transformers_cache)
     merge_config = merge_config.model_copy(
         update={"out_dtype": output_dtype(merge_config, options)}
     )

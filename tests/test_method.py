@@ -7,7 +7,7 @@ import torch
 from conftest import misrounded_share, ulp_error
 
 from mergekit.merge_methods import TensorGroup, get
-from mergekit_expo.method import expo_delta, extrapolate
+from mergekit_expo.method import decompose, extrapolate
 
 
 def dpo_like_pair(n=1 << 22, seed=0, change=2e-5):
@@ -90,7 +90,7 @@ def test_base_position_does_not_matter():
 def test_magnitude_sparsification_keeps_largest_changes():
     theta0 = torch.zeros(1000)
     theta1 = torch.linspace(-1, 1, 1000)
-    delta = expo_delta(theta0, [theta1], [1.0], density=[0.1], rescale=False)
+    _, delta = decompose(theta0, [theta1], [1.0], density=[0.1], rescale=False)
     kept = delta != 0
     assert kept.sum() == 100
     assert theta1[kept].abs().min() >= theta1[~kept].abs().max()
@@ -100,9 +100,9 @@ def test_random_sparsification_is_seeded_and_rescaled():
     theta0 = torch.zeros(100_000)
     theta1 = torch.ones(100_000)
     torch.manual_seed(3)
-    first = expo_delta(theta0, [theta1], [1.0], density=[0.25], sparsification="random")
+    _, first = decompose(theta0, [theta1], [1.0], density=[0.25], sparsification="random")
     torch.manual_seed(3)
-    second = expo_delta(theta0, [theta1], [1.0], density=[0.25], sparsification="random")
+    _, second = decompose(theta0, [theta1], [1.0], density=[0.25], sparsification="random")
     assert torch.equal(first, second)
     assert abs((first != 0).float().mean().item() - 0.25) < 0.01
     assert math.isclose(first.sum().item(), theta1.sum().item(), rel_tol=1e-5)
@@ -110,8 +110,20 @@ def test_random_sparsification_is_seeded_and_rescaled():
 
 def test_extrapolate_matches_kernel():
     theta0, theta1 = dpo_like_pair(1 << 12)
-    delta = expo_delta(theta0, [theta1], [1.0])
-    assert torch.equal(extrapolate(theta0, [theta1], delta, 0.3), expo([theta0, theta1], alpha=0.3))
+    aligned, delta = decompose(theta0, [theta1], [1.0])
+    assert torch.equal(extrapolate(aligned, delta, 0.3), expo([theta0, theta1], alpha=0.3))
+
+
+def test_sparsification_prunes_the_extrapolation_not_the_alignment():
+    g = torch.Generator().manual_seed(2)
+    theta0, a, b = (torch.randn(256, generator=g, dtype=torch.float64) for _ in range(3))
+    for aligned in ([a], [a, b]):
+        out = expo([theta0, *aligned], alpha=0.5, density=[0.5] * len(aligned), rescale=False)
+        mean = sum(aligned) / len(aligned)
+        at_mean = torch.isclose(out, mean, rtol=0, atol=1e-12).double().mean().item()
+        assert 0.15 < at_mean < 0.6
+        bound = 0.5 * sum((t - theta0).abs() for t in aligned) / len(aligned)
+        assert ((out - mean).abs() <= bound + 1e-12).all()
 
 
 @pytest.mark.parametrize(

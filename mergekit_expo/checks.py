@@ -1,0 +1,48 @@
+"""Up-front checks of input checkpoints, so bad files fail before anything is written.
+
+safetensors' own errors ("incomplete metadata, file not fully covered") do not
+say which file is broken, and mergekit opens the shards of an indexed
+checkpoint only in the middle of a merge.
+"""
+
+import glob
+import json
+import os
+import struct
+
+from mergekit.common import ModelReference
+
+
+def check_safetensors(path: str) -> None:
+    """Raise ValueError naming `path` if its header is unreadable or its data truncated."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes)")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > size - 8:
+            raise ValueError(
+                f"{path}: truncated or corrupt safetensors file: header of "
+                f"{header_size} bytes, file of {size} bytes"
+            )
+        try:
+            header = json.loads(handle.read(header_size))
+            end = max(
+                (info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise ValueError(f"{path}: corrupt safetensors header ({error})") from None
+    if 8 + header_size + end != size:
+        raise ValueError(
+            f"{path}: truncated or corrupt safetensors file: tensors need "
+            f"{8 + header_size + end} bytes, the file has {size}"
+        )
+
+
+def check_model_files(model: ModelReference, cache_dir=None) -> None:
+    """Check every safetensors file of a model (downloading it first, as mergekit would)."""
+    folder = model.local_path(cache_dir, ignore_lora=True)
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        check_safetensors(path)
