@@ -68,41 +68,49 @@ def decompose(
     theta1 is the aligned model as stored, or theta0 plus the weighted mean change
     of several. delta is the weighted mean of the changes, each sparsified when
     its density is below 1: sparsification prunes the extrapolation, never the
-    alignment itself.
+    alignment itself. Mixed-dtype arithmetic casts theta0 on the fly, so a large
+    tensor costs two compute-dtype buffers, not five.
     """
     dtype = compute_dtype(theta0, *theta1s)
     total = math.fsum(weights)
     if total <= 0:
         raise ValueError(f"expo model weights must sum to a positive number, got {total}")
     density = density or [1.0] * len(theta1s)
-    base = theta0.to(dtype)
-    changes = [theta1.to(dtype) - base for theta1 in theta1s]
-    mean_change = _weighted_sum(changes, [w / total for w in weights])
-    theta1 = theta1s[0].to(dtype) if len(theta1s) == 1 else base + mean_change
-    if all(d >= 1 for d in density):
-        return theta1, mean_change
-    pruned = [
-        sparsify(
+
+    def prune(change: torch.Tensor, kept: float) -> torch.Tensor:
+        if kept >= 1:
+            return change
+        return sparsify(
             change,
-            density=d,
+            density=kept,
             method=SparsificationMethod(sparsification),
             rescale_norm=RescaleNorm.l1 if rescale else None,
         )
-        for change, d in zip(changes, density)
-    ]
-    return theta1, _weighted_sum(pruned, [w / total for w in weights])
+
+    if len(theta1s) == 1:
+        theta1 = theta1s[0].to(dtype)
+        return theta1, prune(theta1 - theta0, density[0])
+
+    mean_change = torch.zeros(theta0.shape, dtype=dtype, device=theta0.device)
+    pruned = None if all(d >= 1 for d in density) else torch.zeros_like(mean_change)
+    for aligned, weight, kept in zip(theta1s, weights, density):
+        change = aligned.to(dtype, copy=True).sub_(theta0)
+        mean_change.add_(change, alpha=weight / total)
+        if pruned is not None:
+            pruned.add_(prune(change, kept), alpha=weight / total)
+        del change
+    theta1 = mean_change + theta0
+    return theta1, mean_change if pruned is None else pruned
 
 
-def _weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    result = torch.zeros_like(tensors[0])
-    for tensor, weight in zip(tensors, weights):
-        result.add_(tensor, alpha=weight)
-    return result
-
-
-def extrapolate(theta1: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+def extrapolate(
+    theta1: torch.Tensor,
+    delta: torch.Tensor,
+    alpha: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """theta1 + alpha * delta: alpha = 0 and zero-delta elements keep theta1 bitwise."""
-    return torch.add(theta1, delta, alpha=alpha)
+    return torch.add(theta1, delta, alpha=alpha, out=out)
 
 
 @merge_method(
@@ -132,6 +140,7 @@ def expo_merge(
         sparsification=sparsification,
         rescale=rescale,
     )
-    result = extrapolate(theta1, delta, alpha)
+    owned = all(theta1 is not tensor for tensor in theta1s)
+    result = extrapolate(theta1, delta, alpha, out=theta1 if owned else None)
     stats.record(group.metadata.name, alpha, delta)
     return result
