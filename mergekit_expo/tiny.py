@@ -111,3 +111,17 @@ def build_family(
         state = perturbed(sft_state, scale, seed=seed + 1 + index)
         paths[name] = save_model(os.path.join(out_dir, name), config, state, tokenizer)
     return paths
+
+
+def build_reward_model(path: str, seed: int = 0, num_labels: int = 1) -> str:
+    """A tiny scalar reward model: an ordinary HF sequence classifier, loaded like RM-Mistral-7B."""
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = build_tokenizer()
+    config = tiny_config(len(tokenizer))
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

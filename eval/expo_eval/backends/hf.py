@@ -1,0 +1,172 @@
+"""The transformers backend: one loaded model, weights swapped in place per candidate."""
+
+import shutil
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from expo_eval.backends import Completion, Messages
+from expo_eval.candidates import Candidates
+from expo_eval.config import SamplingConfig
+
+
+class BackendError(ValueError):
+    """The model or tokenizer cannot be used for chat generation."""
+
+
+class PresenceFrequencyPenalty(LogitsProcessor):
+    """vLLM's presence and frequency penalties, over generated tokens only.
+
+    transformers has no such processor (its repetition penalty is multiplicative
+    and counts the prompt too).
+    """
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self.prompt_length = prompt_length
+        self.presence = presence
+        self.frequency = frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=scores.dtype)
+        )
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def sampling_processors(prompt_length: int, sampling: SamplingConfig) -> LogitsProcessorList:
+    """Penalties, then temperature, top-k and top-p: vLLM's order."""
+    processors = [
+        PresenceFrequencyPenalty(prompt_length, sampling.presence_penalty, sampling.frequency_penalty)
+    ]
+    if sampling.temperature > 0:
+        processors.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k > 0:
+        processors.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        processors.append(TopPLogitsWarper(sampling.top_p))
+    return LogitsProcessorList(processors)
+
+
+def load_tokenizer(path: str, chat_template: Optional[str] = None):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.chat_template is None:
+        raise BackendError(
+            f"{path}: the tokenizer has no chat template; pass one with --chat-template FILE"
+        )
+    # padding_side is not saved with a tokenizer, and right padding ruins batched generation.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class TransformersBackend:
+    """Loads the aligned model once; each candidate overwrites its weights in place."""
+
+    def __init__(
+        self,
+        candidates: Candidates,
+        device: str = "cpu",
+        chat_template: Optional[str] = None,
+    ):
+        self.candidates = candidates
+        self.device = device
+        path = candidates.aligned_models[0].model.path
+        self.tokenizer = load_tokenizer(path, chat_template)
+        self.model = self._load_model(path)
+
+    def _load_model(self, path: str):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.candidates.dtype)
+        return model.to(self.device).eval()
+
+    @torch.no_grad()
+    def load_candidate(self, alpha: Optional[float]) -> None:
+        tensors = self.model.state_dict(keep_vars=True)
+        for name, tensor in self.candidates.weights(alpha):
+            if name not in tensors:
+                raise BackendError(f"the recipe produces tensor {name}, which the model lacks")
+            tensors[name].copy_(tensor)
+
+    def render(self, messages: Messages) -> List[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Messages], sampling: SamplingConfig) -> List[Completion]:
+        # Re-seeded per call: every candidate sees the same random stream.
+        generator_seed = sampling.seed
+        eos = self.tokenizer.eos_token_id
+        config = GenerationConfig(
+            do_sample=sampling.temperature > 0,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
+        completions: List[Completion] = []
+        for start in range(0, len(prompts), sampling.batch_size):
+            torch.manual_seed(generator_seed + start)
+            encoded = [self.render(m) for m in prompts[start : start + sampling.batch_size]]
+            batch = self.tokenizer.pad({"input_ids": encoded}, return_tensors="pt").to(self.device)
+            length = batch["input_ids"].shape[1]
+            output = self.model.generate(
+                **batch,
+                generation_config=config,
+                logits_processor=sampling_processors(length, sampling),
+            )
+            for row in output[:, length:].tolist():
+                completions.append(self._completion(row, eos))
+        return completions
+
+    def _completion(self, row: List[int], eos: int) -> Completion:
+        if eos in row:
+            tokens = row[: row.index(eos)]
+            return Completion(text=self.tokenizer.decode(tokens, skip_special_tokens=True), tokens=len(tokens) + 1, finish_reason="stop")
+        return Completion(text=self.tokenizer.decode(row, skip_special_tokens=True), tokens=len(row), finish_reason="length")
+
+    def close(self) -> None:
+        del self.model
+
+
+class MaterializedBackend(TransformersBackend):
+    """The paper's loop: write each candidate with the real mergekit merge, then load it."""
+
+    def __init__(self, candidates: Candidates, models_dir: Path, keep: bool, **kwargs):
+        self.models_dir = models_dir
+        self.keep = keep
+        super().__init__(candidates, **kwargs)
+
+    def load_candidate(self, alpha: Optional[float]) -> None:
+        import mergekit.merge
+        from mergekit.options import MergeOptions
+
+        if alpha is None:
+            self.model = self._load_model(self.candidates.recipe.base_model.model.path)
+            return
+        recipe = self.candidates.recipe.model_copy(
+            update={"parameters": {**(self.candidates.recipe.parameters or {}), "alpha": alpha}}
+        )
+        out = self.models_dir / f"alpha={alpha:g}"
+        mergekit.merge.run_merge(recipe, str(out), options=MergeOptions(quiet=True))
+        self.model = self._load_model(str(out))
+        if not self.keep:
+            shutil.rmtree(out)

@@ -1,0 +1,89 @@
+"""Scorers: Hugging Face reward models (scalar sequence classifiers) and Python functions."""
+
+import importlib
+import re
+from typing import Callable, List, Protocol, Sequence
+
+import torch
+
+from expo_eval.prompts import Prompt
+
+_FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ScorerError(ValueError):
+    """A scorer that cannot give one scalar per (prompt, response)."""
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> List[float]: ...
+
+
+class FunctionScorer:
+    """A rule-based reward `module:function(prompt: str, response: str) -> float`."""
+
+    def __init__(self, spec: str):
+        module, _, attribute = spec.partition(":")
+        self.name = spec
+        self.function: Callable[[str, str], float] = getattr(importlib.import_module(module), attribute)
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> List[float]:
+        return [float(self.function(p.text, r)) for p, r in zip(prompts, responses)]
+
+
+class RewardModelScorer:
+    """A reward model such as RM-Mistral-7B or FsfairX-LLaMA3-RM: one logit per sequence.
+
+    The conversation is rendered with the reward model's own chat template. A
+    template that already starts with BOS is tokenized without adding another
+    (a duplicated BOS measurably shifts these models' scores).
+    """
+
+    def __init__(self, spec: str, device: str = "cpu", batch_size: int = 8):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = spec
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(spec)
+        if self.tokenizer.chat_template is None:
+            raise ScorerError(f"{spec}: the reward model's tokenizer has no chat template")
+        self.model = AutoModelForSequenceClassification.from_pretrained(spec, dtype="auto")
+        if self.model.config.num_labels != 1:
+            raise ScorerError(
+                f"{spec}: not a scalar reward model (sequence classifier with "
+                f"{self.model.config.num_labels} labels; need 1)"
+            )
+        self.model.to(device).eval()
+        # Without a pad token the classifier cannot find each sequence's last token.
+        self.batch_size = batch_size if self.model.config.pad_token_id is not None else 1
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def _encode(self, prompt: Prompt, response: str) -> List[int]:
+        text = self.tokenizer.apply_chat_template(
+            prompt.messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> List[float]:
+        encoded = [self._encode(p, r) for p, r in zip(prompts, responses)]
+        scores: List[float] = []
+        for start in range(0, len(encoded), self.batch_size):
+            batch = self.tokenizer.pad(
+                {"input_ids": encoded[start : start + self.batch_size]}, return_tensors="pt"
+            ).to(self.device)
+            logits = self.model(**batch).logits
+            scores.extend(logits[:, 0].float().tolist())
+        return scores
+
+
+def load_scorer(spec: str, device: str = "cpu") -> Scorer:
+    """`module:function` for a Python reward, anything else is a reward model (folder or Hub ID)."""
+    if _FUNCTION_SPEC.match(spec):
+        return FunctionScorer(spec)
+    return RewardModelScorer(spec, device=device)

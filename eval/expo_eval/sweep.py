@@ -1,0 +1,235 @@
+"""Run a sweep: candidates -> generation -> scoring -> results.
+
+Generations and scores are cached under DIR/cache by a hash of everything that
+determines them, and written atomically as each candidate finishes: an
+interrupted sweep resumes where it stopped, and a repeated one generates nothing.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from expo_eval.candidates import Candidates, load_recipe
+from expo_eval.config import SweepConfig
+from expo_eval.prompts import Prompt, load_prompts, split_prompts
+from expo_eval.records import CandidateResult, Generation, ScoreStats, Split
+from expo_eval.scoring import Scorer, load_scorer
+from expo_eval.search import (
+    choose_alpha,
+    mark_collapse,
+    repetition,
+    reward_hacking_flags,
+    search_alphas,
+)
+
+LOG = logging.getLogger("expo_eval")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+
+
+def digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def label(alpha: Optional[float]) -> str:
+    return "sft" if alpha is None else f"alpha={alpha:g}"
+
+
+@dataclass
+class SweepOutcome:
+    results: List[CandidateResult]
+    chosen: CandidateResult
+    flags: List[str]
+    generated: int = 0
+    reused: int = 0
+    generations: Dict[str, List[Generation]] = field(default_factory=dict)
+
+
+class Sweep:
+    """One sweep over one recipe; backend and scorers load only when work needs them."""
+
+    def __init__(self, config: SweepConfig, backend=None, scorers: Optional[List[Scorer]] = None):
+        self.config = config
+        self.recipe_text = config.recipe.read_text()
+        self.recipe = load_recipe(self.recipe_text)
+        self.splits = self._prompt_splits()
+        self._backend = backend
+        self._scorers = {s.name: s for s in scorers or []}
+        self._loaded_alpha: object = object()
+        self.cache = config.out / "cache"
+        self.outcome_counts = {"generated": 0, "reused": 0}
+        self.generations: Dict[str, List[Generation]] = {}
+        self._evaluated: Dict[tuple, CandidateResult] = {}
+
+    def _prompt_splits(self) -> Dict[Split, List[Prompt]]:
+        config = self.config
+        if config.select_prompts or config.report_prompts:
+            select = load_prompts(config.select_prompts or config.prompts, config.limit)
+            report = load_prompts(config.report_prompts or config.prompts, config.limit)
+            return {"select": select, "report": report}
+        select, report = split_prompts(load_prompts(config.prompts, config.limit), config.select_fraction)
+        return {"select": select, "report": report}
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            from expo_eval.backends import make_backend
+
+            self._backend = make_backend(self.config, self.recipe_text, Candidates(self.recipe))
+        return self._backend
+
+    def scorer(self, name: str) -> Scorer:
+        if name not in self._scorers:
+            self._scorers[name] = load_scorer(name, device=self.config.device or "cpu")
+        return self._scorers[name]
+
+    # -- one candidate -----------------------------------------------------------------
+
+    def generation_key(self, alpha: Optional[float], split: Split) -> str:
+        return digest(
+            {
+                "recipe": self.recipe_text,
+                "alpha": alpha,
+                "prompts": [p.id for p in self.splits[split]],
+                "sampling": self.config.sampling.model_dump(),
+                "backend": self.config.backend,
+                "materialize": self.config.materialize,
+                "chat_template": self.config.chat_template,
+            }
+        )
+
+    def _generate(self, alpha: Optional[float], split: Split) -> List[Generation]:
+        key = self.generation_key(alpha, split)
+        path = self.cache / f"{key}.jsonl"
+        if path.exists():
+            self.outcome_counts["reused"] += 1
+            return [Generation.model_validate_json(line) for line in path.read_text().splitlines()]
+        prompts = self.splits[split]
+        if self._loaded_alpha != alpha:
+            self.backend.load_candidate(alpha)
+            self._loaded_alpha = alpha
+        completions = self.backend.generate([p.messages for p in prompts], self.config.sampling)
+        rows = [
+            Generation(
+                prompt_id=p.id,
+                split=split,
+                prompt=p.text,
+                response=c.text,
+                tokens=c.tokens,
+                finish_reason=c.finish_reason,
+            )
+            for p, c in zip(prompts, completions)
+        ]
+        write_atomic(path, "".join(row.model_dump_json() + "\n" for row in rows))
+        self.outcome_counts["generated"] += 1
+        return rows
+
+    def _score(self, alpha: Optional[float], split: Split, rows: List[Generation]) -> None:
+        for name in self.config.reward_models:
+            path = self.cache / f"{self.generation_key(alpha, split)}.{digest(name)}.scores.json"
+            if path.exists():
+                values = json.loads(path.read_text())
+            else:
+                prompts = {p.id: p for p in self.splits[split]}
+                values = self.scorer(name).score([prompts[r.prompt_id] for r in rows], [r.response for r in rows])
+                write_atomic(path, json.dumps(values))
+            for row, value in zip(rows, values):
+                row.scores[name] = value
+
+    def evaluate(self, alpha: Optional[float], split: Split) -> CandidateResult:
+        """Generate, score and summarize one candidate on one split (memoized)."""
+        if (alpha, split) in self._evaluated:
+            return self._evaluated[(alpha, split)]
+        baseline = None if alpha == 0 else self.evaluate(0.0, split)
+        started = time.perf_counter()
+        rows = self._generate(alpha, split)
+        generated = time.perf_counter()
+        self._score(alpha, split, rows)
+        self.generations[label(alpha)] = self.generations.get(label(alpha), []) + rows
+        result = summarize(alpha, split, rows, baseline_rows=self.generations["alpha=0"])
+        result.timing = {"generate_s": generated - started, "score_s": time.perf_counter() - generated}
+        if baseline is not None:
+            result = mark_collapse(result, baseline, self.config.selector)
+        self._evaluated[(alpha, split)] = result
+        return result
+
+    # -- the whole sweep -----------------------------------------------------------------
+
+    def run(self) -> SweepOutcome:
+        from expo_eval.report import print_table, write_report
+
+        config = self.config
+        results = [self.evaluate(0.0, "select")]
+        if config.alphas is not None:
+            results += [self.evaluate(a, "select") for a in sorted(set(config.alphas) - {0.0})]
+        else:
+            results += search_alphas(lambda a: self.evaluate(a, "select"), config.search, config.selector)
+        if config.include_sft:
+            results.append(self.evaluate(None, "select"))
+        chosen = choose_alpha([r for r in results if r.alpha is not None], config.selector)
+        reported = {0.0, chosen.alpha} | ({None} if config.include_sft else set())
+        if self.splits["report"]:
+            results += [self.evaluate(a, "report") for a in sorted(reported, key=lambda a: -2 if a is None else a)]
+        flags = reward_hacking_flags(results, chosen, config.selector)
+        for name, rows in self.generations.items():
+            write_atomic(
+                config.out / "generations" / f"{name}.jsonl",
+                "".join(row.model_dump_json() + "\n" for row in rows),
+            )
+        write_report(config.out, results, chosen, self.recipe_text, config.selector, flags, self.generations)
+        print_table(results, chosen, config.selector)
+        return SweepOutcome(
+            results=results,
+            chosen=chosen,
+            flags=flags,
+            generated=self.outcome_counts["generated"],
+            reused=self.outcome_counts["reused"],
+            generations=self.generations,
+        )
+
+
+def summarize(
+    alpha: Optional[float],
+    split: Split,
+    rows: List[Generation],
+    baseline_rows: Optional[List[Generation]] = None,
+) -> CandidateResult:
+    baseline = {(r.prompt_id, r.split): r for r in baseline_rows or []}
+    scores = {}
+    for name in rows[0].scores:
+        values = [r.scores[name] for r in rows]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        paired = [(r.scores[name], baseline[(r.prompt_id, split)].scores[name]) for r in rows if (r.prompt_id, split) in baseline]
+        win_rate = (
+            sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in paired) / len(paired) if paired else None
+        )
+        scores[name] = ScoreStats(
+            mean=statistics.fmean(values),
+            median=statistics.median(values),
+            stderr=spread / len(values) ** 0.5,
+            win_rate=win_rate,
+        )
+    return CandidateResult(
+        alpha=alpha,
+        label=label(alpha),
+        split=split,
+        n=len(rows),
+        scores=scores,
+        mean_tokens=statistics.fmean(r.tokens for r in rows),
+        length_cut_share=sum(r.finish_reason == "length" for r in rows) / len(rows),
+        repetition=statistics.fmean(repetition(r.response) for r in rows),
+    )
