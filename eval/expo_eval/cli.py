@@ -104,3 +104,7 @@ def sweep(recipe, config_file, alphas, search_range, search_points, refine_round
     click.echo(f"Chosen alpha: {outcome.chosen.alpha:g} (by {config.selector}); results in {config.out}")
     for flag in outcome.flags:
         click.echo(f"Warning: {flag}", err=True)
+
+
+if __name__ == "__main__":
+    main()
