@@ -4,8 +4,6 @@ Built offline: a model counts as a Hub ID only when it is not a local path and
 looks like `owner/name`; the Hub is never asked.
 """
 
-import os
-import re
 from typing import List, Optional
 
 import yaml
@@ -13,10 +11,9 @@ from mergekit.card import CARD_TEMPLATE
 from mergekit.config import MergeConfiguration
 from mergekit.common import ModelReference
 
-from mergekit_expo import stats
+from mergekit_expo import advice, stats
+from mergekit_expo.checks import is_hub_id
 from mergekit_expo.method import PAPER_URL
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 BIBTEX = """@inproceedings{zheng2025model,
   title     = {Model Extrapolation Expedites Alignment},
@@ -39,18 +36,14 @@ theta1 the aligned model{plural}.
 - Aligned model{plural} (theta1): {theta1}
 - alpha: {alpha}
 - Output dtype: {out_dtype} (computed in float32, rounded once)
-{delta_line}
 {alpha_table}
+{change_table}
 ### Citation
 
 ```bibtex
 {bibtex}
 ```
 """
-
-
-def is_hub_id(path: str) -> bool:
-    return not os.path.exists(path) and bool(_HUB_ID.match(path))
 
 
 def model_md(model: ModelReference) -> str:
@@ -74,7 +67,7 @@ def expo_card(
         theta1=", ".join(model_md(m) for m in aligned),
         alpha=_alpha_text(summary),
         out_dtype=config.out_dtype or config.dtype or "as stored",
-        delta_line=_delta_line(summary),
+        change_table=_change_table(summary),
         alpha_table=_alpha_table(summary),
         bibtex=BIBTEX,
     )
@@ -108,14 +101,38 @@ def _alpha_text(summary: Optional[stats.Summary]) -> str:
     return f"{low:g}" if low == high else f"{low:g} to {high:g} (varies by module, see below)"
 
 
-def _delta_line(summary: Optional[stats.Summary]) -> str:
+def _change_table(summary: Optional[stats.Summary]) -> str:
+    """Table 1's quantities per module kind, and what the output dtype kept."""
     if summary is None:
         return ""
-    return (
-        f"- Weight change theta1 - theta0: normalized Frobenius norm "
-        f"{summary.normalized_frobenius:.3e}, "
-        f"{100 * summary.changed / max(summary.numel, 1):.2f}% of elements changed\n"
+    dtype = summary.total.dtypes[0]
+    rows = [*summary.kinds.items(), ("**all**", summary.total)]
+    lines = [
+        f"### Weight change theta1 - theta0, and what {dtype} keeps of alpha * delta\n",
+        "| module | tensors | normalized norm | relative to theta0 | changed "
+        "| rounds back to theta1 | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, change in rows:
+        loss = change.loss(dtype)
+        lines.append(
+            f"| {label} | {change.tensors} | {change.normalized_frobenius:.3e} "
+            f"| {_number(change.relative, '.3e')} | {100 * change.changed_fraction:.1f}% "
+            f"| {_number(loss.rounded_back_fraction, '.1%')} | {_number(loss.kept, '.1%')} |"
+        )
+    lines.append(
+        "\nNormalized norm: sqrt(sum(delta^2) / |P|), as in the paper's Table 1 "
+        f"(zephyr-7b: SFT -> DPO {advice.SFT_TO_DPO:g}, pretrained -> SFT "
+        f"{advice.PRETRAINED_TO_SFT:g}). Rounds back: "
+        "changed elements whose theta2 is stored as theta1. Kept: "
+        "||stored(theta2) - stored(theta1)|| / ||alpha * delta||.\n"
     )
+    lines += [f"> **Warning:** {a.message}\n" for a in advice.alerts(summary.total, [dtype])]
+    return "\n".join(lines)
+
+
+def _number(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _alpha_table(summary: Optional[stats.Summary]) -> str:

@@ -8,9 +8,19 @@ checkpoint only in the middle of a merge.
 import glob
 import json
 import os
+import re
 import struct
+from typing import TYPE_CHECKING
 
-from mergekit.common import ModelReference
+if TYPE_CHECKING:  # mergekit.common imports peft: seconds that `inspect` does not need
+    from mergekit.common import ModelReference
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(path: str) -> bool:
+    """Not a local path and shaped like `owner/name`: decided offline."""
+    return not os.path.exists(path) and bool(_HUB_ID.match(path))
 
 
 def check_safetensors(path: str) -> None:
@@ -41,8 +51,12 @@ def check_safetensors(path: str) -> None:
         )
 
 
-def check_model_files(model: ModelReference, cache_dir=None) -> None:
+def check_model_files(model: "ModelReference", cache_dir=None) -> None:
     """Check every safetensors file of a model (downloading it first, as mergekit would)."""
-    folder = model.local_path(cache_dir, ignore_lora=True)
+    check_folder(model.local_path(cache_dir, ignore_lora=True))
+
+
+def check_folder(folder: str) -> None:
+    """Check every safetensors file in a local model folder."""
     for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         check_safetensors(path)

@@ -23,7 +23,7 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.easy_define import merge_method
 from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
-from mergekit_expo import stats
+from mergekit_expo.rounding import RoundingMode, stochastic_round_, tensor_seed
 
 PAPER_URL = "https://arxiv.org/abs/2404.16792"
 
@@ -127,8 +127,16 @@ def expo_merge(
     density: PerNonBase[Density] = 1.0,
     sparsification: Literal["magnitude", "random"] = "magnitude",
     rescale: bool = True,
+    rounding: RoundingMode = "nearest",
+    rounding_seed: int = 0,
 ) -> torch.Tensor:
-    """Return theta2 in the compute dtype; the writer rounds it once to `out_dtype`."""
+    """Return theta2 in the compute dtype; the writer rounds it once to `out_dtype`.
+
+    With `rounding: stochastic` theta2 is already on the output dtype's grid
+    (unbiased, seeded per tensor by name), so the writer's cast is exact.
+    """
+    from mergekit_expo import stats  # stats measures with this module's math
+
     entries = group.non_base
     theta0 = group.base.tensor
     theta1s = [entry.tensor for entry in entries]
@@ -140,7 +148,13 @@ def expo_merge(
         sparsification=sparsification,
         rescale=rescale,
     )
-    owned = all(theta1 is not tensor for tensor in theta1s)
-    result = extrapolate(theta1, delta, alpha, out=theta1 if owned else None)
-    stats.record(group.metadata.name, alpha, delta)
-    return result
+    name = group.metadata.name
+    theta2 = None
+    if rounding == "stochastic" and stats.output_dtype() is not None:
+        seed = tensor_seed(rounding_seed, name)
+        theta2 = stochastic_round_(extrapolate(theta1, delta, alpha), stats.output_dtype(), seed)
+    stats.record(name, alpha, theta0, theta1, delta, theta2)
+    if theta2 is None:
+        owned = all(theta1 is not tensor for tensor in theta1s)
+        theta2 = extrapolate(theta1, delta, alpha, out=theta1 if owned else None)
+    return theta2

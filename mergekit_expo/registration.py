@@ -92,7 +92,7 @@ def run_expo_merge(run, merge_config, out_path, options, config_source):
     merge_config = merge_config.model_copy(
         update={"out_dtype": output_dtype(merge_config, options)}
     )
-    stats.reset()
+    stats.reset(merge_config.out_dtype)  # what the writer rounds to
     existing = _entries(out_path)
     try:
         run(merge_config, out_path, options, config_source)
