@@ -24,3 +24,43 @@ def tiny_models(out_dir: str, seed: int, scale: float) -> None:
 
     for name, path in build_family(out_dir, seed=seed, scale=scale).items():
         click.echo(f"{name}: {path}")
+
+
+@main.command("inspect")
+@click.argument("sft")
+@click.argument("aligned")
+@click.option(
+    "--alpha", "alphas", type=float, multiple=True, default=(0.3,), show_default=True,
+    help="alpha to measure the rounding loss at (repeatable).",
+)
+@click.option(
+    "--out-dtype", "dtypes", multiple=True, default=("bfloat16", "float16", "float32"),
+    type=click.Choice(["bfloat16", "float16", "float32"]), show_default=True,
+    help="Output dtype to measure the rounding loss for (repeatable).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Per-layer PNG ([plot] extra).")
+def inspect(sft, aligned, alphas, dtypes, json_path, plot_path) -> None:
+    """How far ALIGNED moved from SFT (paper, Table 1), and what each dtype keeps.
+
+    SFT and ALIGNED are local model folders or Hub IDs; tensors are streamed.
+    """
+    import sys
+
+    from mergekit_expo.diagnostics import InspectError, inspect_pair
+    from mergekit_expo.plot import PlotUnavailable, plot_layers, require_matplotlib
+    from mergekit_expo.report import print_report
+
+    if any(alpha <= -1 for alpha in alphas):
+        raise click.BadParameter("alpha must be greater than -1", param_hint="--alpha")
+    try:
+        if plot_path:
+            require_matplotlib()  # fail before the long part
+        report = inspect_pair(sft, aligned, alphas, dtypes, progress=sys.stderr.isatty())
+        print_report(report)
+        if json_path:
+            report.write_json(json_path)
+        if plot_path:
+            plot_layers(report, plot_path)
+    except (InspectError, PlotUnavailable) as error:
+        raise click.ClickException(str(error)) from None
