@@ -1,0 +1,368 @@
+"""What a sweep leaves behind: tables, the chosen recipe, the curves, a terminal summary.
+
+More than one number per alpha (several scorers, length, unfinished share, collapse),
+because the selector is being optimized against (DESIGN.md section 7).
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+import yaml
+
+from expo_eval.records import CandidateResult, Generation
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+log = logging.getLogger(__name__)
+
+# Bumped when a key of results.json changes meaning or disappears.
+SCHEMA_VERSION = 1
+STAT_FIELDS = ("mean", "median", "stderr", "win_rate")
+SPLIT_ORDER = {"select": 0, "report": 1}
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def ordered(results: List[CandidateResult]) -> List[CandidateResult]:
+    """SFT first, then by alpha; the select split before the report split."""
+    return sorted(
+        results,
+        key=lambda r: (r.alpha is not None, r.alpha or 0.0, SPLIT_ORDER[r.split]),
+    )
+
+
+def scorers(results: List[CandidateResult], selector: str) -> List[str]:
+    """Every scorer present, the selector first, the rest in order of appearance."""
+    names = {selector: None}
+    for result in results:
+        names.update(dict.fromkeys(result.scores))
+    return list(names)
+
+
+def results_document(
+    results: List[CandidateResult], chosen: CandidateResult, selector: str, flags: List[str]
+) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "selector": selector,
+        "chosen_alpha": chosen.alpha,
+        "chosen_label": chosen.label,
+        "flags": list(flags),
+        "candidates": [r.model_dump(mode="json") for r in ordered(results)],
+    }
+
+
+def results_csv(results: List[CandidateResult], selector: str) -> str:
+    """One row per candidate and split; scorer statistics flattened to `<scorer>:<stat>`."""
+    names = scorers(results, selector)
+    timings = list(dict.fromkeys(key for r in results for key in r.timing))
+    header = ["alpha", "label", "split", "n"]
+    header += [f"{name}:{stat}" for name in names for stat in STAT_FIELDS]
+    header += ["mean_tokens", "length_cut_share", "repetition", "collapsed", "collapse_reasons"]
+    header += [f"timing:{key}" for key in timings]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for r in ordered(results):
+        row = ["" if r.alpha is None else r.alpha, r.label, r.split, r.n]
+        for name in names:
+            stats = r.scores.get(name)
+            row += [_blank(getattr(stats, stat, None)) for stat in STAT_FIELDS]
+        row += [r.mean_tokens, r.length_cut_share, r.repetition, r.collapsed]
+        row += ["; ".join(r.collapse_reasons)]
+        row += [_blank(r.timing.get(key)) for key in timings]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _blank(value):
+    return "" if value is None else value
+
+
+def best_recipe(recipe_text: str, chosen: CandidateResult, selector: str) -> str:
+    """The swept recipe with `parameters.alpha` set to the chosen alpha, ready for mergekit-yaml.
+
+    The sweep evaluated one alpha for every tensor, so a per-module alpha list in the
+    recipe is replaced by that scalar: the file is what was measured. Comments of the
+    original recipe do not survive the YAML round trip.
+    """
+    recipe = yaml.safe_load(recipe_text)
+    recipe["parameters"] = {**(recipe.get("parameters") or {}), "alpha": chosen.alpha}
+    stats = chosen.scores[selector]
+    header = [
+        f"# alpha = {chosen.alpha:g}, chosen by the expo_eval sweep (selector {selector}: "
+        f"mean {stats.mean:.4g} ± {stats.stderr:.2g} on {chosen.n} {chosen.split} prompts),",
+        "# the best mean among the alphas that did not collapse. The rest is the swept recipe.",
+    ]
+    if chosen.alpha == 0:
+        header.append("# alpha = 0 is the aligned model itself: extrapolation did not help here.")
+    return "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _mean_stderr(result: CandidateResult, scorer: str) -> str:
+    stats = result.scores.get(scorer)
+    return "" if stats is None else f"{stats.mean:.3f} ± {stats.stderr:.3f}"
+
+
+def card_split(results: List[CandidateResult]) -> str:
+    """The held-out report split where there is one: the honest numbers for a model card."""
+    return "report" if any(r.split == "report" for r in results) else "select"
+
+
+def card_table(results: List[CandidateResult], chosen: CandidateResult, selector: str) -> str:
+    """A Markdown table for the model card, one row per candidate."""
+    split = card_split(results)
+    rows = [r for r in ordered(results) if r.split == split]
+    names = scorers(rows, selector)
+    header = ["candidate", *(f"{name} (mean ± stderr)" for name in names)]
+    header += ["mean tokens", "cut by length", "collapsed"]
+    lines = [
+        f"Scores on the {split} prompts ({rows[0].n if rows else 0}); alpha chosen by "
+        f"{selector} on the select prompts. Bold: the chosen alpha.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for r in rows:
+        label = f"**{r.label}**" if r.alpha == chosen.alpha and r.alpha is not None else r.label
+        cells = [label, *(_mean_stderr(r, name) for name in names)]
+        cells += [
+            f"{r.mean_tokens:.0f}",
+            f"{r.length_cut_share:.0%}",
+            "yes" if r.collapsed else "no",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _alpha_series(results: List[CandidateResult], split: str) -> List[CandidateResult]:
+    return [r for r in ordered(results) if r.split == split and r.alpha is not None]
+
+
+def reward_figure(results: List[CandidateResult], chosen: CandidateResult, selector: str):
+    """Mean ± stderr of every scorer against alpha, length below (the paper's Figure 4).
+
+    One panel per scorer, since reward models do not share a scale; crosses mark
+    collapsed alphas, the dotted line the SFT model, the vertical line the choice.
+    """
+    from matplotlib.figure import Figure
+
+    names = scorers(results, selector)
+    fig = Figure(figsize=(7, 2.6 * (len(names) + 1)), layout="constrained")
+    axes = fig.subplots(len(names) + 1, 1, sharex=True, squeeze=False)[:, 0]
+    splits = [s for s in SPLIT_ORDER if any(r.split == s for r in results)]
+    for ax, name in zip(axes, names):
+        for split in splits:
+            series = [r for r in _alpha_series(results, split) if name in r.scores]
+            alphas = [r.alpha for r in series]
+            ax.errorbar(
+                alphas,
+                [r.score(name) for r in series],
+                yerr=[r.scores[name].stderr for r in series],
+                marker="o",
+                capsize=3,
+                linestyle="-" if split == "select" else "--",
+                label=f"{split} prompts",
+            )
+            collapsed = [r for r in series if r.collapsed]
+            if collapsed:
+                ax.scatter(
+                    [r.alpha for r in collapsed],
+                    [r.score(name) for r in collapsed],
+                    marker="x",
+                    s=80,
+                    color="red",
+                    zorder=3,
+                    label="collapsed",
+                )
+            sft = [r for r in results if r.alpha is None and r.split == split and name in r.scores]
+            if sft:
+                ax.axhline(sft[0].score(name), color="grey", linestyle=":", label="SFT model")
+        ax.axvline(chosen.alpha, color="green", alpha=0.4, label=f"chosen alpha={chosen.alpha:g}")
+        ax.set_ylabel(f"{name}{' (selector)' if name == selector else ''}")
+    length = axes[-1]
+    cut_share = length.twinx()
+    length_panels = (
+        (length, "mean_tokens", "mean tokens", "o", "tab:blue"),
+        (cut_share, "length_cut_share", "share cut by length", "s", "tab:orange"),
+    )
+    for split in splits:
+        series = _alpha_series(results, split)
+        for ax, field, name, marker, color in length_panels:
+            ax.plot(
+                [r.alpha for r in series],
+                [getattr(r, field) for r in series],
+                "-" if split == "select" else "--",
+                marker=marker,
+                color=color,
+                label=f"{name}, {split}",
+            )
+    for ax, _, name, _, _ in length_panels:
+        ax.set_ylabel(name)
+    cut_share.set_ylim(0, 1.05)
+    length.set_xlabel("alpha")
+    fig.legend(
+        *_legend_entries(*axes, cut_share), loc="outside lower center", ncols=3, fontsize="small"
+    )
+    return fig
+
+
+def _legend_entries(*axes):
+    """One legend entry per label across all panels."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return list(entries.values()), list(entries)
+
+
+def _select_scores(rows: List[Generation], selector: str) -> List[float]:
+    return [g.scores[selector] for g in rows if g.split == "select" and selector in g.scores]
+
+
+def distribution_figure(
+    results: List[CandidateResult],
+    chosen: CandidateResult,
+    selector: str,
+    generations: Dict[str, List[Generation]],
+):
+    """Per-alpha box plot of the selector's per-response scores (the paper's Figure 3).
+
+    Select-split responses, the ones alpha was chosen on; red labels are collapsed alphas.
+    """
+    from matplotlib.figure import Figure
+
+    candidates = [r for r in ordered(results) if r.split == "select"]
+    boxes = [(r, _select_scores(generations.get(r.label, []), selector)) for r in candidates]
+    boxes = [(r, scores) for r, scores in boxes if scores]
+    fig = Figure(figsize=(max(5, 0.8 * len(boxes) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    ax.set_ylabel(f"{selector} per response")
+    ax.set_title("score distribution per candidate (select prompts)")
+    if not boxes:
+        ax.text(
+            0.5, 0.5, "no per-response scores", ha="center", va="center", transform=ax.transAxes
+        )
+        return fig
+    ax.boxplot([scores for _, scores in boxes], showmeans=True)
+    ax.set_xticks(range(1, len(boxes) + 1), [r.label for r, _ in boxes], rotation=45, ha="right")
+    for tick, (r, _) in zip(ax.get_xticklabels(), boxes):
+        if r.collapsed:
+            tick.set_color("red")
+        if r.label == chosen.label:
+            tick.set_fontweight("bold")
+    return fig
+
+
+def write_plots(
+    out_dir: Path,
+    results: List[CandidateResult],
+    chosen: CandidateResult,
+    selector: str,
+    generations: Dict[str, List[Generation]],
+) -> None:
+    """reward_vs_alpha.png and reward_distributions.png; skipped when matplotlib is absent."""
+    try:
+        import matplotlib  # noqa: F401  (optional extra: mergekit-expo[plot])
+    except ImportError:
+        log.warning("matplotlib is not installed, so no plots: pip install 'mergekit-expo[plot]'")
+        return
+    figures = {
+        "reward_vs_alpha.png": reward_figure(results, chosen, selector),
+        "reward_distributions.png": distribution_figure(results, chosen, selector, generations),
+    }
+    for name, fig in figures.items():
+        _write_atomic(out_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120))
+
+
+def write_report(
+    out_dir: Path,
+    results: List[CandidateResult],
+    chosen: CandidateResult,
+    recipe_text: str,
+    selector: str,
+    flags: List[str],
+    generations: Dict[str, List[Generation]],
+) -> None:
+    """results.json, results.csv, best.yaml, card_table.md and the plots, each atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = results_document(results, chosen, selector, flags)
+    _write_text(out_dir / "results.json", json.dumps(document, indent=2) + "\n")
+    _write_text(out_dir / "results.csv", results_csv(results, selector))
+    _write_text(out_dir / "best.yaml", best_recipe(recipe_text, chosen, selector))
+    _write_text(out_dir / "card_table.md", card_table(results, chosen, selector))
+    write_plots(out_dir, results, chosen, selector, generations)
+
+
+def _status(result: CandidateResult, is_chosen: bool) -> str:
+    """Chosen and/or why collapsed: a chosen alpha can still collapse on held-out prompts."""
+    parts = ["chosen"] if is_chosen else []
+    if result.collapsed:
+        parts.append("collapsed: " + "; ".join(result.collapse_reasons))
+    return "; ".join(parts)
+
+
+def print_table(
+    results: List[CandidateResult],
+    chosen: CandidateResult,
+    selector: str,
+    console: Optional["Console"] = None,
+) -> None:
+    """The sweep at a glance: the chosen alpha in bold green, collapsed rows in red."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = scorers(results, selector)
+    table = Table(title=f"ExPO sweep: {selector} chooses {chosen.label}")
+    for column in (
+        "candidate",
+        "split",
+        "n",
+        *names,
+        f"win rate ({selector})",
+        "tokens",
+        "cut",
+        "repetition",
+        "status",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("candidate", "split", "status") else "right"
+        )
+    for r in ordered(results):
+        win_rate = r.scores[selector].win_rate if selector in r.scores else None
+        is_chosen = r.alpha is not None and r.alpha == chosen.alpha
+        table.add_row(
+            r.label,
+            r.split,
+            str(r.n),
+            *(_mean_stderr(r, name) for name in names),
+            "" if win_rate is None else f"{win_rate:.0%}",
+            f"{r.mean_tokens:.0f}",
+            f"{r.length_cut_share:.0%}",
+            f"{r.repetition:.2f}",
+            _status(r, is_chosen),
+            style="red" if r.collapsed else "bold green" if is_chosen else None,
+        )
+    (console or Console()).print(table)

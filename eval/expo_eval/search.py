@@ -1,0 +1,218 @@
+"""Choosing alpha: collapse detection, the paper's grid-then-bisect search, hacking flags.
+
+Past its optimum ExPO does not degrade gently: the first-order approximation breaks,
+reward drops sharply and responses get long, repetitive or never end (DESIGN.md
+section 1). The search therefore never looks beyond a collapsed alpha, and the
+choice is only among candidates that did not collapse.
+"""
+
+import math
+from typing import Callable, Dict, List
+
+from expo_eval.config import SearchConfig
+from expo_eval.records import CandidateResult, ScoreStats
+
+# Collapse thresholds, all relative to alpha = 0 (theta1) on the same prompts.
+# A quarter of the prompts newly running into the length limit: the paper's "never emits
+# EOS" failure, far outside sampling noise (a share's stderr on >= 100 prompts is <= 0.05).
+CUT_SHARE_JUMP = 0.25
+# Mean share of repeated word 4-grams: fluent prose repeats about 1% of its 4-grams (this
+# repository's README, 0.009), a looping answer most; 0.2 more than theta1 is looping.
+REPETITION_JUMP = 0.2
+# The selector's mean falls by more than this many per-response standard deviations of
+# theta1's scores: a standardized effect size, so independent of the reward model's scale
+# (1.0 is a "large" effect by Cohen's convention) ...
+REWARD_DROP_SD = 1.0
+# ... and by more than this many standard errors of the difference, so that a handful of
+# prompts cannot collapse a candidate on noise alone.
+REWARD_DROP_Z = 3.0
+# A reward-hacking flag needs the other scorer's fall to exceed one standard error of the
+# difference: pure sampling noise does that 16% of the time, against 50% for any fall at all.
+HACKING_DROP_Z = 1.0
+# Grid points as a person writes them (0.3, not 0.30000000000000004): stable labels and cache keys.
+ALPHA_DIGITS = 9
+# Word n-gram length for `repetition`: long enough that ordinary phrasing rarely repeats.
+REPETITION_NGRAM = 4
+
+
+def repetition(text: str) -> float:
+    """Share of the response's word 4-grams that repeat an earlier one, in [0, 1].
+
+    Degenerate extrapolated models loop on a phrase; ordinary answers hardly repeat 4-grams.
+    """
+    words = text.lower().split()
+    ngrams = [
+        tuple(words[i : i + REPETITION_NGRAM]) for i in range(len(words) - REPETITION_NGRAM + 1)
+    ]
+    if not ngrams:
+        return 0.0
+    return 1.0 - len(set(ngrams)) / len(ngrams)
+
+
+def _stderr(stats: ScoreStats) -> float:
+    return stats.stderr if math.isfinite(stats.stderr) else 0.0
+
+
+def _difference_stderr(a: ScoreStats, b: ScoreStats) -> float:
+    """Standard error of the difference of two means from independent samples."""
+    return math.hypot(_stderr(a), _stderr(b))
+
+
+def reward_drop_limit(
+    candidate: CandidateResult, baseline: CandidateResult, selector: str
+) -> float:
+    """How far the selector's mean may fall below alpha = 0 before it counts as collapse.
+
+    The per-response spread of theta1's scores is recovered from its stderr (sd / sqrt(n)).
+    """
+    base, cand = baseline.scores[selector], candidate.scores[selector]
+    spread = _stderr(base) * math.sqrt(baseline.n)
+    return max(REWARD_DROP_SD * spread, REWARD_DROP_Z * _difference_stderr(base, cand))
+
+
+def collapse_reasons(
+    candidate: CandidateResult, baseline: CandidateResult, selector: str
+) -> List[str]:
+    """Why the candidate looks collapsed next to alpha = 0; empty when it does not."""
+    reasons = []
+    if candidate.length_cut_share >= baseline.length_cut_share + CUT_SHARE_JUMP:
+        reasons.append(
+            f"{candidate.length_cut_share:.0%} of responses hit the length limit "
+            f"(alpha=0: {baseline.length_cut_share:.0%})"
+        )
+    if candidate.repetition >= baseline.repetition + REPETITION_JUMP:
+        reasons.append(
+            f"repetition {candidate.repetition:.2f} (alpha=0: {baseline.repetition:.2f})"
+        )
+    drop = baseline.score(selector) - candidate.score(selector)
+    limit = reward_drop_limit(candidate, baseline, selector)
+    if drop > limit:
+        reasons.append(
+            f"{selector} mean fell from {baseline.score(selector):.3g} to "
+            f"{candidate.score(selector):.3g} (more than {limit:.3g} below alpha=0)"
+        )
+    return reasons
+
+
+def mark_collapse(
+    candidate: CandidateResult, baseline: CandidateResult, selector: str
+) -> CandidateResult:
+    """A copy of `candidate` with `collapsed` and `collapse_reasons` set against alpha = 0."""
+    if candidate.split != baseline.split:
+        raise ValueError(
+            f"compare candidates on the same prompts: {candidate.split} vs {baseline.split}"
+        )
+    reasons = collapse_reasons(candidate, baseline, selector)
+    return candidate.model_copy(update={"collapsed": bool(reasons), "collapse_reasons": reasons})
+
+
+def _best(results: List[CandidateResult], selector: str) -> CandidateResult:
+    """Highest selector mean; ties go to the smaller alpha, the smaller step from theta1."""
+    return max(results, key=lambda r: (r.score(selector), -r.alpha))
+
+
+def coarse_grid(config: SearchConfig) -> List[float]:
+    """`coarse_points` alphas evenly spaced over [low, high]."""
+    step = (config.high - config.low) / (config.coarse_points - 1)
+    return [round(config.low + i * step, ALPHA_DIGITS) for i in range(config.coarse_points)]
+
+
+def _collapse_ceiling(results: Dict[float, CandidateResult]) -> float:
+    """The smallest collapsed alpha: nothing at or beyond it is worth sampling."""
+    return min((alpha for alpha, r in results.items() if r.collapsed), default=math.inf)
+
+
+def bisection_points(results: List[CandidateResult], selector: str, min_step: float) -> List[float]:
+    """Midpoints between the best healthy alpha and its evaluated neighbours.
+
+    A midpoint is proposed only when it lies at least `min_step` from both ends,
+    so refinement stops by itself once the grid is fine enough.
+    """
+    ordered = sorted(results, key=lambda r: r.alpha)
+    healthy = [r for r in ordered if not r.collapsed]
+    if not healthy:
+        return []
+    alphas = [r.alpha for r in ordered]
+    best = _best(healthy, selector).alpha
+    index = alphas.index(best)
+    neighbours = [alphas[i] for i in (index - 1, index + 1) if 0 <= i < len(alphas)]
+    tolerance = min_step * 1e-9
+    return [
+        round((best + neighbour) / 2, ALPHA_DIGITS)
+        for neighbour in neighbours
+        if abs(neighbour - best) / 2 >= min_step - tolerance
+    ]
+
+
+def search_alphas(
+    evaluate: Callable[[float], CandidateResult], config: SearchConfig, selector: str
+) -> List[CandidateResult]:
+    """The paper's Appendix B search: a coarse grid, then bisection around the best alpha.
+
+    The grid is walked upwards and abandoned at the first collapsed alpha: larger
+    ones only collapse harder and cost the most (every response runs to the length
+    limit). `evaluate` returns results with collapse already marked; alpha = 0 is
+    the sweep's, not the search's. Returns every evaluated result, by alpha.
+    """
+    if not 0 < config.low < config.high:
+        raise ValueError(f"search needs 0 < low < high, got [{config.low}, {config.high}]")
+    results: Dict[float, CandidateResult] = {}
+    for alpha in coarse_grid(config):
+        results[alpha] = evaluate(alpha)
+        if results[alpha].collapsed:
+            break
+    for _ in range(config.refine_rounds):
+        proposals = bisection_points(list(results.values()), selector, config.min_step)
+        if not proposals:
+            break
+        for alpha in proposals:
+            if alpha < _collapse_ceiling(results):
+                results[alpha] = evaluate(alpha)
+    return [results[alpha] for alpha in sorted(results)]
+
+
+def choose_alpha(results: List[CandidateResult], selector: str) -> CandidateResult:
+    """The select-split candidate with the best selector mean that did not collapse.
+
+    alpha = 0 (theta1 itself) competes, so a sweep where extrapolation does not help
+    chooses theta1; the SFT model (alpha None) is a reference, never a choice.
+    """
+    eligible = [
+        r for r in results if r.split == "select" and r.alpha is not None and not r.collapsed
+    ]
+    if not eligible:
+        raise ValueError("no candidate on the select split is left after collapse detection")
+    return _best(eligible, selector)
+
+
+def reward_hacking_flags(
+    results: List[CandidateResult], chosen: CandidateResult, selector: str
+) -> List[str]:
+    """Warnings where the chosen alpha pleases the selector but another scorer disagrees.
+
+    The selector is being optimized against; a second scorer that falls while it rises
+    is the sign of reward hacking seen in DESIGN.md section 7. Compared on the held-out
+    report split where there is one.
+    """
+    split = "report" if any(r.split == "report" for r in results) else "select"
+    by_alpha = {r.alpha: r for r in results if r.split == split}
+    base, pick = by_alpha.get(0.0), by_alpha.get(chosen.alpha)
+    if base is None or pick is None:
+        return []
+    if pick.score(selector) <= base.score(selector):
+        return []
+    flags = []
+    for scorer, stats in pick.scores.items():
+        if scorer == selector or scorer not in base.scores:
+            continue
+        drop = base.score(scorer) - stats.mean
+        stderr = _difference_stderr(base.scores[scorer], stats)
+        if drop > HACKING_DROP_Z * stderr:
+            flags.append(
+                f"{selector} rises from {base.score(selector):.3g} at alpha=0 to "
+                f"{pick.score(selector):.3g} at {pick.label} on the {split} split, but "
+                f"{scorer} falls from {base.score(scorer):.3g} to {stats.mean:.3g} "
+                f"({drop / stderr if stderr else math.inf:.1f} standard errors): "
+                f"the choice may be reward hacking of {selector}"
+            )
+    return flags

@@ -1,0 +1,214 @@
+"""Report files: JSON schema, CSV columns, the chosen recipe, the card table, the plots."""
+
+import csv
+import io
+import json
+import logging
+import sys
+
+import pytest
+import yaml
+from mergekit.config import MergeConfiguration
+from rich.console import Console
+
+from expo_eval.records import CandidateResult, Generation, ScoreStats
+from expo_eval.report import print_table, write_report
+
+RM, OTHER = "rm", "judge"
+RECIPE = """\
+# swept recipe
+merge_method: expo
+base_model: org/sft
+models:
+  - model: org/dpo
+parameters:
+  alpha: 0.3
+dtype: bfloat16
+"""
+
+
+def result(alpha, split, rm, other, collapsed=False):
+    label = "sft" if alpha is None else f"alpha={alpha:g}"
+    return CandidateResult(
+        alpha=alpha,
+        label=label,
+        split=split,
+        n=4,
+        scores={
+            RM: ScoreStats(
+                mean=rm, median=rm, stderr=0.1, win_rate=None if alpha in (None, 0) else 0.6
+            ),
+            OTHER: ScoreStats(mean=other, median=other, stderr=0.2),
+        },
+        mean_tokens=50.0 + 100 * (alpha or 0),
+        length_cut_share=0.8 if collapsed else 0.0,
+        repetition=0.5 if collapsed else 0.01,
+        timing={"generate_s": 1.5, "score_s": 0.5},
+        collapsed=collapsed,
+        collapse_reasons=["80% of responses hit the length limit (alpha=0: 0%)"]
+        if collapsed
+        else [],
+    )
+
+
+@pytest.fixture
+def sweep():
+    results = []
+    for split in ("select", "report"):
+        results += [
+            result(None, split, 0.5, 0.4),
+            result(0.0, split, 1.0, 1.0),
+            result(0.3, split, 1.6, 1.2),
+            result(0.5, split, -1.0, -0.5, collapsed=True),
+        ]
+    chosen = next(r for r in results if r.alpha == 0.3 and r.split == "select")
+    generations = {
+        r.label: [
+            Generation(
+                prompt_id=f"p{i}",
+                split="select",
+                prompt="q",
+                response="a",
+                tokens=3,
+                finish_reason="stop",
+                scores={RM: r.score(RM) + i / 10, OTHER: 0.0},
+            )
+            for i in range(4)
+        ]
+        for r in results
+    }
+    return results, chosen, generations
+
+
+@pytest.fixture
+def report(tmp_path, sweep):
+    results, chosen, generations = sweep
+    write_report(tmp_path, results, chosen, RECIPE, RM, ["a flag"], generations)
+    return tmp_path
+
+
+def test_results_json_schema(report, sweep):
+    document = json.loads((report / "results.json").read_text())
+    assert set(document) == {
+        "schema_version",
+        "selector",
+        "chosen_alpha",
+        "chosen_label",
+        "flags",
+        "candidates",
+    }
+    assert (document["selector"], document["chosen_alpha"], document["flags"]) == (
+        RM,
+        0.3,
+        ["a flag"],
+    )
+    candidates = [CandidateResult.model_validate(c) for c in document["candidates"]]
+    assert sorted(c.model_dump_json() for c in candidates) == sorted(
+        r.model_dump_json() for r in sweep[0]
+    )
+    assert [c.alpha for c in candidates[:2]] == [None, None]  # SFT first
+
+
+def test_results_csv(report):
+    rows = list(csv.DictReader(io.StringIO((report / "results.csv").read_text())))
+    header = list(rows[0])
+    assert header[:4] == ["alpha", "label", "split", "n"]
+    assert header[4:12] == [
+        f"{s}:{stat}" for s in (RM, OTHER) for stat in ("mean", "median", "stderr", "win_rate")
+    ]
+    assert header[12:] == [
+        "mean_tokens",
+        "length_cut_share",
+        "repetition",
+        "collapsed",
+        "collapse_reasons",
+        "timing:generate_s",
+        "timing:score_s",
+    ]
+    assert len(rows) == 8
+    collapsed = [r for r in rows if r["collapsed"] == "True"]
+    assert {r["alpha"] for r in collapsed} == {"0.5"} and "length limit" in collapsed[0][
+        "collapse_reasons"
+    ]
+    assert rows[0]["alpha"] == "" and rows[0]["label"] == "sft" and rows[0][f"{RM}:win_rate"] == ""
+
+
+def test_best_yaml_is_the_recipe_with_the_chosen_alpha(report):
+    text = (report / "best.yaml").read_text()
+    assert text.startswith("# alpha = 0.3, chosen by the expo_eval sweep")
+    assert RM in text.splitlines()[0]
+    recipe, original = yaml.safe_load(text), yaml.safe_load(RECIPE)
+    assert recipe["parameters"]["alpha"] == 0.3
+    assert {k: v for k, v in recipe.items() if k != "parameters"} == {
+        k: v for k, v in original.items() if k != "parameters"
+    }
+    MergeConfiguration.model_validate(recipe)
+
+
+def test_best_yaml_replaces_a_per_module_alpha(tmp_path, sweep):
+    results, chosen, generations = sweep
+    recipe = RECIPE.replace("alpha: 0.3", "alpha: [{filter: mlp, value: 0.5}, {value: 0.2}]")
+    write_report(tmp_path, results, chosen, recipe, RM, [], generations)
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["parameters"] == {"alpha": 0.3}
+
+
+def test_card_table_uses_the_report_split(report):
+    lines = (report / "card_table.md").read_text().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == (
+        f"| candidate | {RM} (mean ± stderr) | {OTHER} (mean ± stderr) "
+        "| mean tokens | cut by length | collapsed |"
+    )
+    assert table[1] == "|---|---|---|---|---|---|"
+    assert [row.split(" | ")[0] for row in table[2:]] == [
+        "| sft",
+        "| alpha=0",
+        "| **alpha=0.3**",
+        "| alpha=0.5",
+    ]
+    assert table[3] == "| alpha=0 | 1.000 ± 0.100 | 1.000 ± 0.200 | 50 | 0% | no |"
+    assert table[5].endswith("| 80% | yes |")
+    assert "report prompts" in lines[0]
+
+
+def test_plots_are_written(report):
+    pytest.importorskip("matplotlib")
+    for name in ("reward_vs_alpha.png", "reward_distributions.png"):
+        data = (report / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 1000
+
+
+def test_no_temporary_files_are_left(report):
+    assert sorted(p.name for p in report.iterdir()) == sorted(
+        [
+            "results.json",
+            "results.csv",
+            "best.yaml",
+            "card_table.md",
+            "reward_vs_alpha.png",
+            "reward_distributions.png",
+        ]
+    )
+
+
+def test_plots_are_skipped_without_matplotlib(tmp_path, sweep, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    results, chosen, generations = sweep
+    with caplog.at_level(logging.WARNING, logger="expo_eval.report"):
+        write_report(tmp_path, results, chosen, RECIPE, RM, [], generations)
+    assert [r.message for r in caplog.records if "matplotlib" in r.message] and len(
+        caplog.records
+    ) == 1
+    assert not list(tmp_path.glob("*.png")) and (tmp_path / "results.json").exists()
+
+
+def test_print_table_marks_chosen_and_collapsed(sweep):
+    results, chosen, _ = sweep
+    console = Console(record=True, width=200, force_terminal=True)
+    print_table(results, chosen, RM, console=console)
+    text = console.export_text(clear=False)
+    assert "chooses alpha=0.3" in text
+    assert text.count("chosen") == 2  # the chosen alpha's row on both splits
+    assert text.count("collapsed:") == 2
+    styled = console.export_html(inline_styles=True)
+    assert "#008000" in styled and "#800000" in styled  # green chosen rows, red collapsed rows
