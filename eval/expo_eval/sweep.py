@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from expo_eval.candidates import Candidates, load_recipe
+from expo_eval.candidates import load_recipe
 from expo_eval.config import SweepConfig
 from expo_eval.prompts import Prompt, load_prompts, split_prompts
 from expo_eval.records import CandidateResult, Generation, ScoreStats, Split
@@ -89,7 +89,7 @@ class Sweep:
         if self._backend is None:
             from expo_eval.backends import make_backend
 
-            self._backend = make_backend(self.config, self.recipe_text, Candidates(self.recipe))
+            self._backend = make_backend(self.config, self.recipe_text, self.recipe)
         return self._backend
 
     def scorer(self, name: str) -> Scorer:

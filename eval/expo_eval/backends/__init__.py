@@ -30,8 +30,11 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def make_backend(config, recipe_text: str, candidates) -> Backend:
-    """The configured backend; vLLM only when asked for (optional extra)."""
+def make_backend(config, recipe_text: str, recipe) -> Backend:
+    """The configured backend; vLLM only when asked for (optional extra).
+
+    vLLM workers build their own candidates, so the driver loads no weights then.
+    """
     device = config.device or ("cuda" if _cuda() else "cpu")
     chat_template = config.chat_template.read_text() if config.chat_template else None
     if config.backend == "vllm":
@@ -39,12 +42,14 @@ def make_backend(config, recipe_text: str, candidates) -> Backend:
 
         return VLLMBackend(
             recipe_text,
-            candidates.aligned_models[0].model.path,
+            recipe.models[0].model.model.path,
             tensor_parallel_size=config.tensor_parallel_size,
             chat_template=chat_template,
         )
     from expo_eval.backends.hf import MaterializedBackend, TransformersBackend
+    from expo_eval.candidates import Candidates
 
+    candidates = Candidates(recipe)
     if config.materialize:
         return MaterializedBackend(
             candidates,
