@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import REPO, expo_recipe, load, run_cli, write_recipe
+from conftest import expo_recipe, load, run_cli, write_recipe
 
 from expo_eval.backends.hf import BackendError, PresenceFrequencyPenalty, TransformersBackend
 from expo_eval.candidates import Candidates, RecipeError, load_recipe

@@ -8,13 +8,12 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import yaml
 
+from expo_eval.files import write_atomic, write_text
 from expo_eval.records import CandidateResult, Generation
 
 if TYPE_CHECKING:
@@ -26,22 +25,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 STAT_FIELDS = ("mean", "median", "stderr", "win_rate")
 SPLIT_ORDER = {"select": 0, "report": 1}
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def ordered(results: List[CandidateResult]) -> List[CandidateResult]:
@@ -293,7 +276,7 @@ def write_plots(
         "reward_distributions.png": distribution_figure(results, chosen, selector, generations),
     }
     for name, fig in figures.items():
-        _write_atomic(out_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120))
+        write_atomic(out_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120))
 
 
 def write_report(
@@ -309,10 +292,10 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     document = results_document(results, chosen, selector, flags)
-    _write_text(out_dir / "results.json", json.dumps(document, indent=2) + "\n")
-    _write_text(out_dir / "results.csv", results_csv(results, selector))
-    _write_text(out_dir / "best.yaml", best_recipe(recipe_text, chosen, selector))
-    _write_text(out_dir / "card_table.md", card_table(results, chosen, selector))
+    write_text(out_dir / "results.json", json.dumps(document, indent=2) + "\n")
+    write_text(out_dir / "results.csv", results_csv(results, selector))
+    write_text(out_dir / "best.yaml", best_recipe(recipe_text, chosen, selector))
+    write_text(out_dir / "card_table.md", card_table(results, chosen, selector))
     write_plots(out_dir, results, chosen, selector, generations)
 
 

@@ -7,17 +7,14 @@ interrupted sweep resumes where it stopped, and a repeated one generates nothing
 
 import hashlib
 import json
-import logging
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional
 
 from expo_eval.candidates import load_recipe
 from expo_eval.config import SweepConfig
+from expo_eval.files import write_text
 from expo_eval.prompts import Prompt, load_prompts, split_prompts
 from expo_eval.records import CandidateResult, Generation, ScoreStats, Split
 from expo_eval.scoring import Scorer, load_scorer
@@ -28,18 +25,6 @@ from expo_eval.search import (
     reward_hacking_flags,
     search_alphas,
 )
-
-LOG = logging.getLogger("expo_eval")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
-
 
 def digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -134,7 +119,7 @@ class Sweep:
             )
             for p, c in zip(prompts, completions)
         ]
-        write_atomic(path, "".join(row.model_dump_json() + "\n" for row in rows))
+        write_text(path, "".join(row.model_dump_json() + "\n" for row in rows))
         self.outcome_counts["generated"] += 1
         return rows
 
@@ -146,7 +131,7 @@ class Sweep:
             else:
                 prompts = {p.id: p for p in self.splits[split]}
                 values = self.scorer(name).score([prompts[r.prompt_id] for r in rows], [r.response for r in rows])
-                write_atomic(path, json.dumps(values))
+                write_text(path, json.dumps(values))
             for row, value in zip(rows, values):
                 row.scores[name] = value
 
@@ -186,7 +171,7 @@ class Sweep:
             results += [self.evaluate(a, "report") for a in sorted(reported, key=lambda a: -2 if a is None else a)]
         flags = reward_hacking_flags(results, chosen, config.selector)
         for name, rows in self.generations.items():
-            write_atomic(
+            write_text(
                 config.out / "generations" / f"{name}.jsonl",
                 "".join(row.model_dump_json() + "\n" for row in rows),
             )
