@@ -1,5 +1,6 @@
 """`mergekit-expo sweep`: flags mirror SweepConfig; a YAML config file can hold them all."""
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -80,6 +81,7 @@ def sweep(recipe, config_file, alphas, search_range, search_points, refine_round
     from expo_eval.backends.hf import BackendError
     from expo_eval.sweep import Sweep
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     flags["recipe"] = recipe
     flags["alphas"] = _floats(alphas) if alphas else None
     if search_range:

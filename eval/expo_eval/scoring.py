@@ -5,6 +5,7 @@ import re
 from typing import Callable, List, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from expo_eval.prompts import Prompt
 
@@ -73,7 +74,7 @@ class RewardModelScorer:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> List[float]:
         encoded = [self._encode(p, r) for p, r in zip(prompts, responses)]
         scores: List[float] = []
-        for start in range(0, len(encoded), self.batch_size):
+        for start in tqdm(range(0, len(encoded), self.batch_size), desc=f"scoring ({self.name})", unit="batch", leave=False):
             batch = self.tokenizer.pad(
                 {"input_ids": encoded[start : start + self.batch_size]}, return_tensors="pt"
             ).to(self.device)

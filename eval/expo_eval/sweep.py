@@ -7,6 +7,7 @@ interrupted sweep resumes where it stopped, and a repeated one generates nothing
 
 import hashlib
 import json
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ def digest(payload) -> str:
 
 def label(alpha: Optional[float]) -> str:
     return "sft" if alpha is None else f"alpha={alpha:g}"
+
+
+LOG = logging.getLogger("expo_eval")
 
 
 @dataclass
@@ -150,6 +154,18 @@ class Sweep:
         if baseline is not None:
             result = mark_collapse(result, baseline, self.config.selector)
         self._evaluated[(alpha, split)] = result
+        selected = result.scores[self.config.selector]
+        LOG.info(
+            "%s on %s prompts: %s %.3f +- %.3f, %.0f tokens, %.0f%% cut%s",
+            result.label,
+            split,
+            self.config.selector,
+            selected.mean,
+            selected.stderr,
+            result.mean_tokens,
+            100 * result.length_cut_share,
+            " (collapsed: " + "; ".join(result.collapse_reasons) + ")" if result.collapsed else "",
+        )
         return result
 
     # -- the whole sweep -----------------------------------------------------------------

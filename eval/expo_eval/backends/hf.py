@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -123,7 +124,7 @@ class TransformersBackend:
             eos_token_id=eos,
         )
         completions: List[Completion] = []
-        for start in range(0, len(prompts), sampling.batch_size):
+        for start in tqdm(range(0, len(prompts), sampling.batch_size), desc="generating", unit="batch", leave=False):
             torch.manual_seed(generator_seed + start)
             encoded = [self.render(m) for m in prompts[start : start + sampling.batch_size]]
             batch = self.tokenizer.pad({"input_ids": encoded}, return_tensors="pt").to(self.device)
