@@ -19,7 +19,7 @@ import torch
 
 from mergekit_expo.method import compute_dtype, extrapolate
 
-CHUNK = 1 << 16  # elements per step: temporaries stay in cache, memory near one tensor
+CHUNK = 1 << 18  # elements per step: amortizes per-operation overhead, stays in cache
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,18 @@ def measure(
     dtypes = [getattr(torch, dtype_name(d)) for d in dtypes]
     if theta2 is not None and len(alphas) * len(dtypes) != 1:
         raise ValueError("theta2 is the result for one alpha and one dtype")
+    numel = theta0.numel()
+    scratch = _Scratch(min(CHUNK, numel), theta0.device)
     flat = [t if t is None else t.reshape(-1) for t in (theta0, theta1, delta, theta2)]
     sums = [0, 0.0, 0.0, 0.0]  # changed, delta_sq, theta0_sq, theta0_delta
     losses = {(a, d): [0, 0, 0.0, 0.0, 0.0] for a in alphas for d in dtypes}
-    for start in range(0, theta0.numel(), CHUNK):
+    for start in range(0, numel, CHUNK):
+        size = min(CHUNK, numel - start)
         t0, t1, direction, result = (
-            t if t is None else t[start : start + CHUNK].to(compute) for t in flat
+            t if t is None else _cast(t[start : start + size], compute, scratch(role, compute, size))
+            for role, t in enumerate(flat)
         )
-        change = t1 - t0
+        change = torch.sub(t1, t0, out=scratch("change", compute, size))
         piece = (_count_nonzero(change), _dot(change, change), _dot(t0, t0))
         sums = [a + b for a, b in zip(sums, (*piece, _dot(t0, change)))]
         if direction is None:
@@ -179,13 +183,19 @@ def measure(
         else:
             moved = _count_nonzero(direction)
             direction_sq = _dot(direction, direction)
-        stored1 = {d: t1 if _holds(theta1.dtype, d) else t1.to(d).to(compute) for d in dtypes}
+        stored1 = {
+            d: t1 if _holds(theta1.dtype, d) else _stored(t1, d, scratch, ("theta1", d), size)
+            for d in dtypes
+        }
         for alpha in alphas:
-            theta2_piece = extrapolate(t1, direction, alpha) if result is None else result
+            theta2_piece = result
+            if result is None:
+                theta2_piece = extrapolate(t1, direction, alpha, out=scratch("theta2", compute, size))
             for dtype in dtypes:
-                step = theta2_piece.to(dtype).to(compute) - stored1[dtype]
+                stored2 = _stored(theta2_piece, dtype, scratch, "theta2", size)
+                step = torch.sub(stored2, stored1[dtype], out=scratch("step", compute, size))
                 if result is not None:  # stochastic rounding also moves theta1 off-grid
-                    step = step.masked_fill(direction == 0, 0)
+                    step.masked_fill_(direction == 0, 0)
                 entry = losses[(alpha, dtype)]
                 entry[0] += moved
                 entry[1] += moved - _count_nonzero(step)
@@ -194,10 +204,36 @@ def measure(
                 entry[4] += alpha**2 * direction_sq
     return Change(
         1,
-        theta0.numel(),
+        numel,
         *sums,
         {(a, dtype_name(d)): Loss(*entry) for (a, d), entry in losses.items()},
     )
+
+
+class _Scratch:
+    """Chunk buffers reused across chunks: a fresh temporary per operation costs
+    more in page faults (large blocks go back to the OS when freed) than the
+    arithmetic on it."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.size, self.device, self.buffers = size, device, {}
+
+    def __call__(self, role, dtype: torch.dtype, size: int) -> torch.Tensor:
+        if (role, dtype) not in self.buffers:
+            self.buffers[(role, dtype)] = torch.empty(self.size, dtype=dtype, device=self.device)
+        return self.buffers[(role, dtype)][:size]
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == dtype else out.copy_(x)
+
+
+def _stored(x: torch.Tensor, dtype: torch.dtype, scratch: _Scratch, role, size: int):
+    """x as the writer stores it in `dtype` (round to nearest), back in x's dtype."""
+    if torch.finfo(dtype).bits >= torch.finfo(x.dtype).bits:
+        return x
+    narrow = scratch((role, "narrow"), dtype, size).copy_(x)
+    return scratch((role, "stored"), x.dtype, size).copy_(narrow)
 
 
 def _holds(source: torch.dtype, dtype: torch.dtype) -> bool:
