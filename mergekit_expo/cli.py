@@ -40,7 +40,7 @@ def tiny_models(out_dir: str, seed: int, scale: float) -> None:
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Per-layer PNG ([plot] extra).")
-def inspect(sft, aligned, alphas, dtypes, json_path, plot_path) -> None:
+def inspect_pair_command(sft, aligned, alphas, dtypes, json_path, plot_path) -> None:
     """How far ALIGNED moved from SFT (paper, Table 1), and what each dtype keeps.
 
     SFT and ALIGNED are local model folders or Hub IDs; tensors are streamed.
