@@ -186,6 +186,8 @@ def inspect_pair(
     finally:
         torch.set_num_threads(workers)
         bar.close()
+    if not records:
+        raise InspectError(f"{aligned}: no floating-point tensors to compare")
     return Report(sft, aligned, tuple(alphas), tuple(dtypes), summarize(records), tuple(skipped))
 
 
