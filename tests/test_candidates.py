@@ -27,6 +27,13 @@ def backend(filtered_recipe):
     return TransformersBackend(Candidates(load_recipe(yaml.safe_dump(filtered_recipe))))
 
 
+def test_stochastic_rounding_in_place_equals_mergekit_yaml(filtered_recipe, tmp_path):
+    recipe = dict(filtered_recipe, parameters={"alpha": 0.3, "rounding": "stochastic", "rounding_seed": 7})
+    run_cli("mergekit-yaml", write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "out")
+    weights = dict(Candidates(load_recipe(yaml.safe_dump(recipe))).weights(0.3))
+    assert all(torch.equal(weights[k], v) for k, v in load(tmp_path / "out").items())
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 2.0])
 def test_in_place_weights_equal_mergekit_yaml_bitwise(filtered_recipe, backend, tmp_path, alpha):
     recipe = dict(filtered_recipe, parameters={"alpha": alpha})
