@@ -35,7 +35,8 @@ import tempfile
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_merge import _fmt_mib, _load, _table, build_models, run_child, settle, versions  # noqa: E402
+from bench_merge import _fmt_mib, _load, build_models, run_child, settle, versions  # noqa: E402
+from common import table  # noqa: E402
 
 RUNS = ("read", "inspect", "startup")
 LABELS = {
@@ -107,14 +108,14 @@ def bench_cache(cache: str, paths, info, repeats: int, json_path: str, logs: str
     }
     print()
     print(f"Page cache {cache}: median wall and CPU over {repeats} run(s); largest peaks")
-    print(_table(
+    print(table(
         ["run", "wall median", "CPU user+sys", "peak RSS", "peak RssAnon"],
         [[LABELS[run], f"{s['wall']:.2f} s", f"{s['cpu']:.1f} s", _fmt_mib(s["rss"]),
           _fmt_mib(s["anon"])] for run, s in summary.items()],
     ))
     read, inspect, startup = (summary[run] for run in RUNS)
     print()
-    print(_table(
+    print(table(
         ["ratio (page cache " + cache + ")", "value", "target"],
         [
             ["inspect wall / read wall", f"{inspect['wall'] / read['wall']:.2f}", "<= 1.2"],

@@ -39,6 +39,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from common import table
+
 BENCH_FORMAT = 1  # bump when the synthetic model recipe changes
 INIT_STD = 0.02  # LlamaConfig.initializer_range
 DPO_SCALE = 1e-3  # relative size of theta1 - theta0 before rounding to bfloat16
@@ -57,7 +59,7 @@ LABELS = {
 
 def plan_config(size_gb: float):
     """A llama config whose bfloat16 weights come close to size_gb (1e9 bytes)."""
-    from transformers import LlamaConfig
+    from mergekit_expo.tiny import tiny_config
 
     if size_gb >= 0.5:
         hidden, intermediate, heads = 2048, 5504, 16
@@ -69,18 +71,7 @@ def plan_config(size_gb: float):
     embed = 2 * vocab * hidden + hidden  # embed_tokens, lm_head, final norm
     per_layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
     layers = max(1, round((size_gb * 1e9 / 2 - embed) / per_layer))
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = tiny_config(vocab, hidden, layers, intermediate, heads)
     config.architectures = ["LlamaForCausalLM"]
     return config
 
@@ -382,7 +373,7 @@ def accuracy(paths: Dict[str, str], outputs: Dict[str, str], alpha: float, chunk
         return handles[filename].get_tensor(name)
 
     keys = ["reference", *outputs]
-    stats = {key: {"diff": 0, "off1": 0, "err": 0.0, "moved": 0} for key in keys}
+    stats = {key: {"diff": 0, "farther": 0, "off1": 0, "err": 0.0, "moved": 0} for key in keys}
     numel = 0
     for name in sources["theta0"]:
         t0 = load("theta0", name).reshape(-1)
@@ -395,7 +386,8 @@ def accuracy(paths: Dict[str, str], outputs: Dict[str, str], alpha: float, chunk
         for start in range(0, t0.numel(), chunk):
             b0, b1 = t0[start : start + chunk], t1[start : start + chunk]
             a1 = b1.to(torch.float64)
-            reference = round_to_bf16(a1 + alpha * (a1 - b0.to(torch.float64)))
+            exact = a1 + alpha * (a1 - b0.to(torch.float64))
+            reference = round_to_bf16(exact)
             ref_bits, b1_bits = reference.view(torch.int16), b1.view(torch.int16)
             stats["reference"]["moved"] += int((ref_bits != b1_bits).sum())
             for key, tensor in outs.items():
@@ -410,6 +402,10 @@ def accuracy(paths: Dict[str, str], outputs: Dict[str, str], alpha: float, chunk
                 scale = _ulp_of(torch.maximum(b1[where].abs(), b0[where].abs()))
                 error = (wrong.to(torch.float64) - ref.to(torch.float64)).abs() / scale
                 s["diff"] += where.numel()
+                # Not a nearest value at all; at exact ties either neighbour is nearest.
+                target = exact[where]
+                gap = (wrong.to(torch.float64) - target).abs() - (ref.to(torch.float64) - target).abs()
+                s["farther"] += int((gap > target.abs() * 2.0**-40).sum())
                 s["off1"] += int((ulps > 1).sum())
                 s["err"] = max(s["err"], float(error.max()))
     handles.clear()
@@ -423,16 +419,7 @@ def _fmt_mib(mib: float) -> str:
     return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
 
 
-def _table(headers: List[str], rows: List[List[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
 
-    def line(cells):
-        return "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths))
-        )
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 def _load() -> str:
@@ -538,7 +525,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             }
         print()
         print(f"Timing and memory (median wall and CPU over {repeats} run(s); largest peaks)")
-        print(_table(
+        print(table(
             ["run", "wall median", "wall min..max", "CPU user+sys", "peak RSS",
              "peak RssAnon"],
             [
@@ -551,7 +538,7 @@ def main(argv: Optional[List[str]] = None) -> None:
               "/proc/PID/status sampled every 20 ms (private memory only)")
         expo, ta, paper = (summary[run] for run in RUNS)
         print()
-        print(_table(
+        print(table(
             ["ratio", "value", "target"],
             [
                 ["expo wall / task_arithmetic wall", f"{expo['wall'] / ta['wall']:.2f}", "<= 1.1"],
@@ -575,13 +562,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             def share(count: int) -> str:
                 return f"{100 * count / numel:.4f}% ({count})"
 
-            rows = [["reference (float64, 1 rounding)", share(0), share(0), "0",
+            rows = [["reference (float64, 1 rounding)", share(0), share(0), share(0), "0",
                      share(stats["reference"]["moved"])]]
             for run in RUNS:
                 s = stats[run]
-                rows.append([LABELS[run], share(s["diff"]), share(s["off1"]),
+                rows.append([LABELS[run], share(s["diff"]), share(s["farther"]), share(s["off1"]),
                              f"{s['err']:.3g}", share(s["moved"])])
-            print(_table(["output", "!= reference", "> 1 ulp off",
+            print(table(["output", "!= reference", "not nearest (ties ok)", "> 1 ulp off",
                           "max err [weight ulp]", "!= theta1 (moved)"], rows))
         print()
         if not temporary:

@@ -36,6 +36,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
+from common import table
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "mergekit", "transformers", "numpy", "safetensors", "pydantic", "yaml")
 
@@ -131,23 +133,14 @@ def import_times(python: str) -> Dict[str, Tuple[int, int]]:
     return modules
 
 
-def _table(headers: List[str], rows: List[List[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
 
-    def line(cells):
-        return "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths))
-        )
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 def report_pair(title: str, label_a: str, label_b: str, times: Dict[str, List[float]]) -> None:
     ms = lambda values: 1000 * statistics.median(values)  # noqa: E731
     paired = [1000 * (x - y) for x, y in zip(times["b"], times["a"])]
     print(title)
-    print(_table(
+    print(table(
         ["interpreter", "median wall", "min wall", "median CPU"],
         [
             [label_a, f"{ms(times['a']):.2f} ms", f"{1000 * min(times['a']):.2f} ms",
@@ -168,7 +161,7 @@ def report_imports(title: str, bare: Dict, other: Dict) -> List[str]:
     heavy = [name for name in other if name.split(".")[0] in HEAVY]
     print(title)
     if extra:
-        print(_table(
+        print(table(
             ["module imported only here", "self", "cumulative"],
             [[name, f"{other[name][0]} us", f"{other[name][1]} us"] for name in extra],
         ))
