@@ -1,16 +1,10 @@
 #!/usr/bin/env bash
-# Offline end-to-end run: build tiny local models, extrapolate them with the
-# unmodified mergekit commands, and show the result's model card.
+# The main job, offline: train a tiny SFT model, a reward model and DPO checkpoints
+# (10/20/40/100% of an epoch) with TRL, extrapolate each with `expo`, sweep alpha, and
+# write out/demo/report.md (the paper's Table 2 in miniature). 3-5 minutes on two free
+# CPU cores; a second run reuses finished stages (add --force to redo them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH"
-work=out/demo
-rm -rf "$work" && mkdir -p "$work" && cd "$work"
-mergekit-expo tiny-models tiny
-mergekit-yaml ../../recipes/tiny/expo.yaml expo -v --quiet 2>&1 | grep -E "mergekit_expo|WARNING"
-mergekit-multi ../../recipes/tiny/multi_stage.yaml --intermediate-dir stages --out-path multi_stage --quiet
-echo
-echo "== $work/expo/README.md (ExPO section)"
-sed -n '/^## ExPO/,/^### Citation/p' expo/README.md
-echo "Models written: $work/expo, $work/multi_stage"
+bash scripts/setup.sh demo
+export HF_HUB_OFFLINE=1
+.venv/bin/mergekit-expo demo --out out/demo "$@"

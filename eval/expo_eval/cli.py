@@ -108,5 +108,32 @@ def sweep(recipe, config_file, alphas, search_range, search_points, refine_round
         click.echo(f"Warning: {flag}", err=True)
 
 
+@main.command("demo")
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact: models, recipes, sweeps, report.md.")
+@click.option("--quick", is_flag=True, help="Shrink everything (about a minute; for tests): the numbers mean nothing.")
+@click.option("--force", is_flag=True, help="Redo every stage, even those finished in DIR before.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, training and initialization.")
+def demo(out, quick, force, seed):
+    """Offline end-to-end demo: the paper's Table 2 experiment in miniature (needs the [demo] extra).
+
+    Trains a tiny SFT model, a reward model and DPO checkpoints at 10/20/40/100% of
+    an epoch with TRL, sweeps alpha for each with `mergekit-expo sweep`'s code, and
+    writes DIR/report.md. Finished stages are reused on the next run.
+    """
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("trl") is None:
+        raise click.ClickException("the demo trains with TRL: pip install 'mergekit-expo[demo]'")
+    from expo_eval.demo.pipeline import FULL, QUICK, run_demo
+    from expo_eval.demo.report import print_summary
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = (QUICK if quick else FULL).model_copy(update={"seed": seed})
+    summary = run_demo(Path(out), settings, force=force, echo=click.echo)
+    print_summary(summary, echo=click.echo)
+    click.echo(f"Report: {Path(out) / 'report.md'}")
+
+
 if __name__ == "__main__":
     main()

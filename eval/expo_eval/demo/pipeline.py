@@ -1,0 +1,375 @@
+"""The demo's stages, each cached under DIR: task -> sft -> pairs -> reward model -> dpo -> sweeps -> report.
+
+A stage is skipped when its record in DIR/stages/ matches its settings and what
+its inputs were made from, and its outputs exist; `force` redoes every stage.
+A redone stage invalidates every stage after it (each record names the run of
+the stages it used), so a sweep never reuses generations of older weights.
+"""
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from expo_eval.demo import task
+from expo_eval.files import write_text
+from expo_eval.sweep import digest
+
+GROUND_TRUTH = "expo_eval.demo.task:ground_truth"
+
+
+class DemoSettings(BaseModel):
+    """Everything that determines the demo's results; the defaults are the full run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    # tiny llama: width, layers, feed-forward width (about 0.88M parameters)
+    model_size: Tuple[int, int, int] = (128, 4, 384)
+    # gentle SFT: 20k examples made DPO's later checkpoints unstable under extrapolation
+    sft_examples: int = 10000
+    sft_learning_rate: float = 1e-3
+    sft_batch_size: int = 64
+    # prompts sampled twice by the SFT model; pairs with equal ground truth are dropped
+    pair_prompts: int = 10000
+    pair_max_new_tokens: int = 32
+    reward_learning_rate: float = 1e-4
+    reward_batch_size: int = 32
+    dpo_pairs: int = 8000
+    # TRL's default 1e-6 barely moves a model this small. At 5e-5 the best alpha was at most
+    # 0.5 for every checkpoint (the path curves early); 2e-5 still improves DPO throughout.
+    dpo_learning_rate: float = 2e-5
+    dpo_beta: float = 0.1
+    dpo_batch_size: int = 32
+    dpo_warmup: float = 0.1
+    fractions: Tuple[float, ...] = (0.1, 0.2, 0.4, 1.0)
+    dev_prompts: int = 512
+    test_prompts: int = 512
+    alphas: Tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+    # the longest well-formed answer is 21 tokens with EOS
+    max_new_tokens: int = 32
+    sample_batch_size: int = 256
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(
+    model_size=(64, 2, 128),
+    sft_examples=2000,
+    sft_batch_size=32,
+    pair_prompts=600,
+    dpo_pairs=320,
+    dpo_batch_size=16,
+    dev_prompts=16,
+    test_prompts=16,
+    alphas=(0.5, 2.0, 8.0),
+)
+
+# The settings each stage depends on (besides the stages before it).
+STAGE_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "task": ("seed", "sft_examples", "pair_prompts", "dev_prompts", "test_prompts"),
+    "sft": ("seed", "model_size", "sft_learning_rate", "sft_batch_size"),
+    "pairs": ("seed", "pair_max_new_tokens"),
+    "reward_model": ("seed", "reward_learning_rate", "reward_batch_size"),
+    "dpo": ("seed", "dpo_pairs", "dpo_learning_rate", "dpo_beta", "dpo_batch_size", "dpo_warmup", "fractions"),
+    "sweep": ("alphas", "max_new_tokens", "sample_batch_size"),
+    "report": (),
+}
+
+
+def checkpoint_name(fraction: float) -> str:
+    return f"p{round(fraction * 100)}"
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+class Layout:
+    """Where every artifact of a demo run lives under DIR."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.task = root / "task"
+        self.sft = root / "sft"
+        self.pairs = root / "pairs"
+        self.reward_model = root / "reward_model"
+        self.dpo = root / "dpo"
+        self.recipes = root / "recipes"
+        self.sweeps = root / "sweeps"
+        self.stages = root / "stages"
+        self.report = root / "report.md"
+        self.summary = root / "summary.json"
+        self.plots = root / "plots"
+
+    def checkpoint(self, fraction: float) -> Path:
+        return self.dpo / checkpoint_name(fraction)
+
+
+class Stages:
+    """Runs stages in order, reusing finished ones; keeps wall and CPU time per stage."""
+
+    def __init__(self, layout: Layout, settings: DemoSettings, force: bool, echo: Callable[[str], None]):
+        self.layout = layout
+        self.settings = settings
+        self.force = force
+        self.echo = echo
+        self.made: Dict[str, str] = {}
+        self.timings: Dict[str, dict] = {}
+
+    def key(self, name: str, after: Sequence[str]) -> str:
+        fields = STAGE_FIELDS[name.split(":")[0]]
+        settings = self.settings.model_dump(mode="json")
+        return digest(
+            {
+                "stage": name,
+                "settings": {field: settings[field] for field in fields},
+                "after": [self.made[stage] for stage in after],
+            }
+        )
+
+    def run(self, name: str, after: Sequence[str], outputs: Sequence[Path], work: Callable[[], None]) -> None:
+        record_path = self.layout.stages / f"{name.replace(':', '-')}.json"
+        key = self.key(name, after)
+        if not self.force and record_path.exists():
+            record = json.loads(record_path.read_text())
+            if record["key"] == key and all(path.exists() for path in outputs):
+                self.made[name] = record["made"]
+                self.timings[name] = {**record["timing"], "reused": True}
+                self.echo(f"[{name}] reused (took {record['timing']['wall_s']:.1f} s when made)")
+                return
+        for path in outputs:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        self.echo(f"[{name}] running ...")
+        wall, cpu = time.perf_counter(), time.process_time()
+        work()
+        timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        made = digest({"key": key, "at": time.time()})
+        write_text(record_path, json.dumps({"key": key, "made": made, "timing": timing}, indent=2) + "\n")
+        self.made[name] = made
+        self.timings[name] = {**timing, "reused": False}
+        self.echo(f"[{name}] done in {timing['wall_s']:.1f} s (CPU {timing['cpu_s']:.1f} s)")
+
+
+# -- the stages ---------------------------------------------------------------------------
+
+
+def make_task(layout: Layout, settings: DemoSettings) -> None:
+    """SFT examples, prompts to sample preference pairs on, and dev/test prompt files."""
+    rng = random.Random(settings.seed)
+    held_out = task.unique_noun_sets(rng, settings.dev_prompts + settings.test_prompts)
+    dev, test = held_out[: settings.dev_prompts], held_out[settings.dev_prompts :]
+    write_jsonl(layout.task / "dev.jsonl", [{"prompt": task.prompt_text(n)} for n in dev])
+    write_jsonl(layout.task / "test.jsonl", [{"prompt": task.prompt_text(n)} for n in test])
+    sft = []
+    for _ in range(settings.sft_examples):
+        nouns = task.sample_nouns(rng)
+        sft.append({"prompt": task.prompt_text(nouns), "answer": task.reference_answer(nouns, rng)})
+    write_jsonl(layout.task / "sft.jsonl", sft)
+    pair_prompts = [{"prompt": task.prompt_text(task.sample_nouns(rng))} for _ in range(settings.pair_prompts)]
+    write_jsonl(layout.task / "pair_prompts.jsonl", pair_prompts)
+    task.build_tokenizer().save_pretrained(str(layout.task / "tokenizer"))
+
+
+def tokenizer(layout: Layout):
+    from transformers import PreTrainedTokenizerFast
+
+    loaded = PreTrainedTokenizerFast.from_pretrained(str(layout.task / "tokenizer"))
+    loaded.padding_side = "left"  # not saved with a tokenizer
+    return loaded
+
+
+def make_sft(layout: Layout, settings: DemoSettings) -> None:
+    from expo_eval.demo import train
+
+    rows = read_jsonl(layout.task / "sft.jsonl")
+    train.train_sft(
+        layout.sft,
+        tokenizer(layout),
+        [(row["prompt"], row["answer"]) for row in rows],
+        seed=settings.seed,
+        size=settings.model_size,
+        learning_rate=settings.sft_learning_rate,
+        batch_size=settings.sft_batch_size,
+    )
+
+
+def make_pairs(layout: Layout, settings: DemoSettings) -> None:
+    """Two SFT samples per prompt labelled by the ground truth; the reward model's half gets format pairs."""
+    from expo_eval.demo import train
+
+    prompts = [row["prompt"] for row in read_jsonl(layout.task / "pair_prompts.jsonl")]
+    first, second = (
+        train.sample(layout.sft, prompts, seed=settings.seed + offset, max_new_tokens=settings.pair_max_new_tokens)
+        for offset in (1, 2)
+    )
+    pairs = train.preference_pairs(prompts, first, second)
+    write_jsonl(layout.pairs / "preference.jsonl", pairs)
+    reward_half = pairs[: len(pairs) // 2]
+    # Broken copies of half of them: enough for the reward model to punish broken text.
+    reward_pairs = reward_half + train.format_pairs(reward_half[: len(reward_half) // 2], seed=settings.seed)
+    random.Random(settings.seed).shuffle(reward_pairs)
+    write_jsonl(layout.pairs / "reward.jsonl", reward_pairs)
+
+
+def make_reward_model(layout: Layout, settings: DemoSettings) -> None:
+    from expo_eval.demo import train
+
+    train.train_reward_model(
+        layout.reward_model,
+        layout.sft,
+        tokenizer(layout),
+        read_jsonl(layout.pairs / "reward.jsonl"),
+        seed=settings.seed,
+        learning_rate=settings.reward_learning_rate,
+        batch_size=settings.reward_batch_size,
+    )
+
+
+def make_dpo(layout: Layout, settings: DemoSettings) -> None:
+    from expo_eval.demo import train
+
+    pairs = read_jsonl(layout.pairs / "preference.jsonl")[: settings.dpo_pairs]
+    train.train_dpo(
+        {fraction: layout.checkpoint(fraction) for fraction in settings.fractions},
+        layout.sft,
+        tokenizer(layout),
+        pairs,
+        seed=settings.seed,
+        beta=settings.dpo_beta,
+        learning_rate=settings.dpo_learning_rate,
+        batch_size=settings.dpo_batch_size,
+        warmup=settings.dpo_warmup,
+        work=layout.dpo,
+    )
+
+
+def recipe_text(layout: Layout, fraction: float, alpha: float = 0.3) -> str:
+    recipe = {
+        "merge_method": "expo",
+        "base_model": str(layout.sft.resolve()),
+        "models": [{"model": str(layout.checkpoint(fraction).resolve())}],
+        "parameters": {"alpha": alpha},
+        "dtype": "float32",
+    }
+    header = (
+        f"# ExPO on the demo's DPO checkpoint at {fraction:.0%} of an epoch, written by `mergekit-expo demo`.\n"
+        "# theta0 = the demo's SFT model, theta1 = the DPO checkpoint. The sweep varies alpha;\n"
+        f"# sweeps/{checkpoint_name(fraction)}/best.yaml holds the one the reward model chose.\n"
+    )
+    return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def sweep_config(layout: Layout, settings: DemoSettings, fraction: float, include_sft: bool):
+    from expo_eval.config import SamplingConfig, SweepConfig
+
+    return SweepConfig(
+        recipe=layout.recipes / f"{checkpoint_name(fraction)}.yaml",
+        out=layout.sweeps / checkpoint_name(fraction),
+        select_prompts=str(layout.task / "dev.jsonl"),
+        report_prompts=str(layout.task / "test.jsonl"),
+        alphas=list(settings.alphas),
+        reward_models=[str(layout.reward_model), GROUND_TRUTH],
+        include_sft=include_sft,
+        device="cpu",
+        sampling=SamplingConfig(max_new_tokens=settings.max_new_tokens, batch_size=settings.sample_batch_size),
+    )
+
+
+def make_sweep(layout: Layout, settings: DemoSettings, fraction: float, include_sft: bool) -> None:
+    """The project's own sweep (as `mergekit-expo sweep`), then the ground truth's choice on test prompts.
+
+    alpha is chosen on the dev prompts by the reward model (the sweep's selector);
+    the ground truth's choice comes from the same sweep's dev results, and its
+    test-prompt numbers from the same sweep object (memoized, cached).
+    """
+    from expo_eval.search import choose_alpha
+    from expo_eval.sweep import Sweep
+
+    write_text(layout.recipes / f"{checkpoint_name(fraction)}.yaml", recipe_text(layout, fraction))
+    sweep = Sweep(sweep_config(layout, settings, fraction, include_sft))
+    outcome = sweep.run()
+    dev = [r for r in outcome.results if r.split == "select" and r.alpha is not None]
+    by_truth = choose_alpha(dev, GROUND_TRUTH)
+    results = {(r.alpha, r.split): r for r in outcome.results}
+    results[(by_truth.alpha, "report")] = sweep.evaluate(by_truth.alpha, "report")
+    summary = {
+        "checkpoint": checkpoint_name(fraction),
+        "fraction": fraction,
+        "alpha_by_reward_model": outcome.chosen.alpha,
+        "alpha_by_ground_truth": by_truth.alpha,
+        "flags": outcome.flags,
+        "results": [r.model_dump(mode="json") for r in results.values()],
+    }
+    write_text(layout.sweeps / checkpoint_name(fraction) / "demo.json", json.dumps(summary, indent=2) + "\n")
+
+
+def quiet_libraries() -> None:
+    """Training libraries' progress bars and advice would bury the stage log."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    # TRL 1.16 still sets `gradient_checkpointing`, which transformers 5 renames.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run_demo(
+    out: Path,
+    settings: DemoSettings = FULL,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Run (or reuse) every stage under `out`; returns the summary the report was made from."""
+    from expo_eval.demo import report
+
+    quiet_libraries()
+    layout = Layout(Path(out))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    stages = Stages(layout, settings, force, echo)
+    stages.run("task", [], [layout.task], lambda: make_task(layout, settings))
+    stages.run("sft", ["task"], [layout.sft], lambda: make_sft(layout, settings))
+    stages.run("pairs", ["sft"], [layout.pairs], lambda: make_pairs(layout, settings))
+    stages.run("reward_model", ["pairs"], [layout.reward_model], lambda: make_reward_model(layout, settings))
+    stages.run("dpo", ["pairs"], [layout.dpo], lambda: make_dpo(layout, settings))
+    sweeps = []
+    for index, fraction in enumerate(settings.fractions):
+        name = f"sweep:{checkpoint_name(fraction)}"
+        stages.run(
+            name,
+            ["task", "reward_model", "dpo"],
+            [layout.sweeps / checkpoint_name(fraction)],
+            lambda fraction=fraction, first=index == 0: make_sweep(layout, settings, fraction, first),
+        )
+        sweeps.append(name)
+    stages.run(
+        "report",
+        sweeps,
+        [layout.report, layout.summary, layout.plots],
+        lambda: report.write(layout, settings, stages.timings),
+    )
+    summary = json.loads(layout.summary.read_text())
+    summary["timings"] = stages.timings
+    return summary
+
+
+def load_summaries(layout: Layout, settings: DemoSettings) -> List[dict]:
+    return [
+        json.loads((layout.sweeps / checkpoint_name(f) / "demo.json").read_text()) for f in settings.fractions
+    ]
+

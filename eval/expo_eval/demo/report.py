@@ -1,0 +1,473 @@
+"""The demo's report: a table shaped like the paper's Table 2, the curves (its Figure 4), and
+the paper's claims checked against the measured numbers.
+
+Every sentence about a claim is computed from the results: a difference counts
+only when it exceeds two standard errors, otherwise it is reported as a tie.
+"""
+
+import json
+import math
+from typing import Dict, List, Optional, Tuple
+
+from expo_eval.demo.pipeline import GROUND_TRUTH, DemoSettings, Layout, load_summaries, sweep_config
+from expo_eval.files import write_atomic, write_text
+from expo_eval.records import CandidateResult
+
+# The paper's Table 2 (DPO with fewer steps + ExPO): RM-Mistral-7B mean reward, optimal alpha.
+PAPER_SFT_REWARD = 3.42
+PAPER = {0.1: (3.97, 6.57, 8.0), 0.2: (4.70, 6.95, 2.5), 0.4: (5.77, 6.75, 0.5), 1.0: (6.16, 6.52, 0.3)}
+SIGNIFICANCE = 2.0  # standard errors
+
+
+class Checkpoint:
+    """One DPO checkpoint's sweep, as the demo summarized it."""
+
+    def __init__(self, summary: dict, reward_model: str):
+        self.name = summary["checkpoint"]
+        self.fraction = summary["fraction"]
+        self.alpha_rm = summary["alpha_by_reward_model"]
+        self.alpha_gt = summary["alpha_by_ground_truth"]
+        self.flags = summary["flags"]
+        self.reward_model = reward_model
+        self.results = {
+            (r.alpha, r.split): r for r in map(CandidateResult.model_validate, summary["results"])
+        }
+
+    def test(self, alpha: Optional[float]) -> CandidateResult:
+        return self.results[(alpha, "report")]
+
+    def dev_curve(self) -> List[CandidateResult]:
+        return sorted(
+            (r for (alpha, split), r in self.results.items() if split == "select" and alpha is not None),
+            key=lambda r: r.alpha,
+        )
+
+    @property
+    def title(self) -> str:
+        return f"DPO {self.fraction:.0%} of an epoch"
+
+
+def difference(a: CandidateResult, b: CandidateResult, scorer: str) -> Tuple[float, float]:
+    """a - b and its standard error, as for independent samples (conservative: the prompts are shared)."""
+    return a.score(scorer) - b.score(scorer), math.hypot(a.scores[scorer].stderr, b.scores[scorer].stderr)
+
+
+def compared(a: CandidateResult, b: CandidateResult, scorer: str) -> str:
+    """'higher (+0.41 ± 0.09)', 'lower (...)' or 'the same within noise (...)'."""
+    diff, stderr = difference(a, b, scorer)
+    word = {True: "higher", False: "lower", None: "the same within noise"}[better(a, b, scorer)]
+    return f"{word} ({diff:+.2f} ± {stderr:.2f})"
+
+
+def better(a: CandidateResult, b: CandidateResult, scorer: str) -> Optional[bool]:
+    """True/False when a is clearly above/below b, None for a tie."""
+    diff, stderr = difference(a, b, scorer)
+    return None if abs(diff) <= SIGNIFICANCE * stderr else diff > 0
+
+
+def verdict(flags: List[Optional[bool]]) -> str:
+    if flags and all(flags):
+        return "holds"
+    if any(flags):
+        return "partly holds"
+    return "does not hold"
+
+
+# -- the table ------------------------------------------------------------------------
+
+
+def table_rows(checkpoints: List[Checkpoint], sft: CandidateResult) -> List[Dict[str, str]]:
+    """Rows of the Table 2 analogue, on the test prompts."""
+    reward_model = checkpoints[0].reward_model
+
+    def row(model: str, result: CandidateResult, alpha: str, paper_reward, paper_alpha) -> Dict[str, str]:
+        return {
+            "model": model,
+            "alpha": alpha,
+            "reward model": f"{result.score(reward_model):.2f} ± {result.scores[reward_model].stderr:.2f}",
+            "ground truth": f"{result.score(GROUND_TRUTH):.2f} ± {result.scores[GROUND_TRUTH].stderr:.2f}",
+            "tokens": f"{result.mean_tokens:.1f}",
+            "never ends": f"{result.length_cut_share:.0%}",
+            "paper reward": "" if paper_reward is None else f"{paper_reward:.2f}",
+            "paper alpha": "" if paper_alpha is None else f"{paper_alpha:g}",
+        }
+
+    rows = [row("SFT", sft, "-", PAPER_SFT_REWARD, None)]
+    for c in checkpoints:
+        paper = PAPER.get(c.fraction, (None, None, None))
+        rows.append(row(f"DPO {c.fraction:.0%}", c.test(0.0), "0", paper[0], None))
+        rows.append(row("  + ExPO, alpha by RM", c.test(c.alpha_rm), f"{c.alpha_rm:g}", paper[1], paper[2]))
+        rows.append(row("  + ExPO, alpha by truth", c.test(c.alpha_gt), f"{c.alpha_gt:g}", None, None))
+    return rows
+
+
+
+def markdown_table(rows: List[Dict[str, str]]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# -- the claims ------------------------------------------------------------------------
+
+
+def peak_and_fall(curve: List[CandidateResult], scorer: str) -> Tuple[CandidateResult, bool, bool]:
+    """The best alpha on `scorer`, whether it is clearly above alpha 0, and whether the
+    largest alpha is clearly below it (or collapsed)."""
+    peak = max(curve, key=lambda r: r.score(scorer))
+    rises = peak.alpha > 0 and better(peak, curve[0], scorer) is True
+    falls = curve[-1].collapsed or better(curve[-1], peak, scorer) is False
+    return peak, rises, falls
+
+
+def curve_text(curve: List[CandidateResult], scorer: str, name: str) -> Tuple[str, bool]:
+    """'reward model 1.45 at alpha 0, peak 1.85 at alpha 8 (clearly higher), ...' and whether it rose and fell."""
+    peak, rises, falls = peak_and_fall(curve, scorer)
+    text = f"{name} {curve[0].score(scorer):.2f} at alpha 0"
+    if peak.alpha == 0:
+        text += " (its best)"
+    else:
+        rise = "clearly higher" if rises else "within noise"
+        text += f", peak {peak.score(scorer):.2f} at alpha {peak.alpha:g} ({rise})"
+    if curve[-1] is not peak:
+        text += f", {curve[-1].score(scorer):.2f} at alpha {curve[-1].alpha:g}"
+    elif peak.alpha != 0:
+        text += ", no fall within the grid"
+    return text, rises and falls
+
+
+def claim_rise_and_collapse(checkpoints: List[Checkpoint]) -> Tuple[str, List[str]]:
+    """Figure 4: reward rises with alpha, then drops sharply once the approximation breaks."""
+    lines, flags = [], []
+    for c in checkpoints:
+        curve = c.dev_curve()
+        reward, rose_and_fell = curve_text(curve, c.reward_model, "reward model")
+        truth, _ = curve_text(curve, GROUND_TRUTH, "ground truth")
+        flags.append(rose_and_fell)
+        collapsed = [r.alpha for r in curve if r.collapsed]
+        marked = f"marked collapsed from alpha {min(collapsed):g} on" if collapsed else "no alpha marked collapsed"
+        lines.append(f"{c.title}: {reward}; {truth}; {marked}.")
+    return verdict(flags), lines
+
+
+def non_increasing(values: List[float]) -> bool:
+    return all(a >= b for a, b in zip(values, values[1:])) and values[0] > values[-1]
+
+
+def claim_alpha_shrinks(checkpoints: List[Checkpoint]) -> Tuple[str, List[str]]:
+    """Table 7: the optimal alpha shrinks as training goes on (8, 2.5, 0.5, 0.3)."""
+    by_rm = [c.alpha_rm for c in checkpoints]
+    by_gt = [c.alpha_gt for c in checkpoints]
+    flags = [non_increasing(by_rm), non_increasing(by_gt)]
+    lines = [
+        "chosen by the reward model: " + ", ".join(f"{c.name} {c.alpha_rm:g}" for c in checkpoints)
+        + (" (shrinks)" if flags[0] else " (does not shrink steadily)"),
+        "chosen by the ground truth: " + ", ".join(f"{c.name} {c.alpha_gt:g}" for c in checkpoints)
+        + (" (shrinks)" if flags[1] else " (does not shrink steadily)"),
+    ]
+    return verdict(flags), lines
+
+
+REWARD_MODEL = "reward model"  # stands for the run's reward model folder in the claim checks
+
+
+def picked(c: Checkpoint, by: str) -> float:
+    return c.alpha_rm if by == "rm" else c.alpha_gt
+
+
+def scorer_of(c: Checkpoint, scorer: str) -> str:
+    return c.reward_model if scorer == REWARD_MODEL else scorer
+
+
+def improves(by: str, scorer: str):
+    """A claim check: each checkpoint + ExPO (alpha picked `by` "rm" or "gt") beats alpha 0 on `scorer`."""
+
+    def check(checkpoints: List[Checkpoint]) -> Tuple[str, List[str]]:
+        lines, flags = [], []
+        for c in checkpoints:
+            alpha, name = picked(c, by), scorer_of(c, scorer)
+            flags.append(better(c.test(alpha), c.test(0.0), name) is True)
+            lines.append(f"{c.title}: alpha {alpha:g} against alpha 0: {compared(c.test(alpha), c.test(0.0), name)}")
+        return verdict(flags), lines
+
+    return check
+
+
+def gap_text(closed: float) -> str:
+    """What ExPO did to the gap between a checkpoint and full DPO (closed: the share gained)."""
+    if closed < 0:
+        return f"widens the gap to full DPO by {-closed:.0%} of it"
+    if closed > 1:
+        return f"closes the gap to full DPO and passes it by {closed - 1:.0%} of the gap"
+    return f"closes {closed:.0%} of the gap to full DPO"
+
+
+def rivals_full(by: str, scorer: str):
+    """A claim check: some partially trained checkpoint + ExPO is no worse than full DPO on `scorer`."""
+
+    def check(checkpoints: List[Checkpoint]) -> Tuple[str, List[str]]:
+        full = max(checkpoints, key=lambda c: c.fraction)
+        lines, flags = [], []
+        for c in checkpoints:
+            if c is full:
+                continue
+            alpha = picked(c, by)
+            flags.append(better(c.test(alpha), full.test(0.0), scorer) is not False)
+            lines.append(
+                f"{c.title} + ExPO (alpha {alpha:g}) against {full.title}: "
+                f"{compared(c.test(alpha), full.test(0.0), scorer)}"
+            )
+            gap = full.test(0.0).score(scorer) - c.test(0.0).score(scorer)
+            if gap > 0:
+                lines[-1] += "; " + gap_text((c.test(alpha).score(scorer) - c.test(0.0).score(scorer)) / gap)
+        return ("holds" if any(flags) else "does not hold"), lines
+
+    return check
+
+
+def claim_reward_hacking(checkpoints: List[Checkpoint]) -> Tuple[str, List[str]]:
+    """DESIGN.md section 7: the learned reward model is optimized against."""
+    lines, flags = [], []
+    for c in checkpoints:
+        larger = c.alpha_rm > c.alpha_gt
+        hurt = larger and better(c.test(c.alpha_rm), c.test(c.alpha_gt), GROUND_TRUTH) is False
+        flags.append(hurt)
+        lines.append(
+            f"{c.title}: the reward model chose alpha {c.alpha_rm:g}, the ground truth {c.alpha_gt:g}"
+            + (
+                f"; on test prompts the reward model's choice is "
+                f"{compared(c.test(c.alpha_rm), c.test(c.alpha_gt), GROUND_TRUTH)} by the ground truth."
+                if larger
+                else "."
+            )
+        )
+        lines += [f"  sweep warning: {flag}" for flag in c.flags]
+    return ("seen" if any(flags) else "not seen"), lines
+
+
+CLAIMS = (
+    ("The reward model's score rises with alpha, then falls (paper, Figure 4)", claim_rise_and_collapse),
+    ("The optimal alpha shrinks as DPO trains longer (paper: 8, 2.5, 0.5, 0.3)", claim_alpha_shrinks),
+    (
+        "ExPO with the reward model's alpha raises every checkpoint's reward (paper, Table 2: the selection metric)",
+        improves("rm", REWARD_MODEL),
+    ),
+    (
+        "ExPO with the reward model's alpha improves every checkpoint by the ground truth "
+        "(paper, Table 2: AlpacaEval, an independent judge)",
+        improves("rm", GROUND_TRUTH),
+    ),
+    (
+        "ExPO with the ground truth's alpha (an oracle) improves every checkpoint by the ground truth",
+        improves("gt", GROUND_TRUTH),
+    ),
+    (
+        "A partially trained checkpoint + ExPO (reward model's alpha) matches full DPO by the ground truth "
+        "(paper: 20% + ExPO beats full DPO)",
+        rivals_full("rm", GROUND_TRUTH),
+    ),
+    (
+        "A partially trained checkpoint + ExPO (ground truth's alpha) matches full DPO by the ground truth",
+        rivals_full("gt", GROUND_TRUTH),
+    ),
+    (
+        "Reward hacking: the reward model's alpha is larger and worse by the ground truth (DESIGN.md section 7)",
+        claim_reward_hacking,
+    ),
+)
+
+
+def claims(checkpoints: List[Checkpoint]) -> List[dict]:
+    return [
+        {"claim": title, "verdict": result[0], "details": result[1]}
+        for title, check in CLAIMS
+        for result in [check(checkpoints)]
+    ]
+
+
+# -- plots -----------------------------------------------------------------------------
+
+
+def figure(checkpoints: List[Checkpoint], sft_dev: CandidateResult, panels):
+    """One panel per (value, label[, y limits]); a line per checkpoint over alpha, dev prompts."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * len(panels), 4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (value, label, *limits) in zip(axes, panels):
+        for c in checkpoints:
+            curve = c.dev_curve()
+            xs, ys = [r.alpha for r in curve], [value(r) for r in curve]
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=c.title)
+            for alpha, marker, size in ((c.alpha_rm, "*", 180), (c.alpha_gt, "D", 60)):
+                chosen = next(r for r in curve if r.alpha == alpha)
+                ax.scatter([alpha], [value(chosen)], marker=marker, s=size, color=line.get_color(), zorder=3)
+        ax.axhline(value(sft_dev), color="grey", linestyle=":", label="SFT")
+        ax.set_xscale("symlog", linthresh=1.0)
+        alphas = sorted({r.alpha for c in checkpoints for r in c.dev_curve()})
+        ax.set_xticks(alphas, [f"{a:g}" for a in alphas], fontsize="small")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(label)
+        if limits:
+            ax.set_ylim(*limits[0])
+    axes[0].scatter([], [], marker="*", s=120, color="black", label="alpha chosen by reward model")
+    axes[0].scatter([], [], marker="D", s=40, color="black", label="alpha chosen by ground truth")
+    axes[0].legend(fontsize="small")
+    fig.suptitle("ExPO on DPO checkpoints (dev prompts)")
+    return fig
+
+
+def write_plots(layout: Layout, checkpoints: List[Checkpoint], sft_dev: CandidateResult) -> List[str]:
+    try:
+        import matplotlib  # noqa: F401  (the [demo] extra)
+    except ImportError:
+        return []
+    rm = checkpoints[0].reward_model
+    figures = {
+        "reward_vs_alpha.png": [
+            (lambda r: r.score(rm), "reward model mean"),
+            (lambda r: r.score(GROUND_TRUTH), "ground truth mean"),
+        ],
+        "length_vs_alpha.png": [
+            (lambda r: r.mean_tokens, "mean response tokens"),
+            (lambda r: r.length_cut_share, "share of responses that never end", (-0.02, 1.02)),
+        ],
+    }
+    layout.plots.mkdir(parents=True, exist_ok=True)
+    for name, panels in figures.items():
+        fig = figure(checkpoints, sft_dev, panels)
+        write_atomic(layout.plots / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=110))
+    return list(figures)
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def timing_lines(timings: Dict[str, dict]) -> List[str]:
+    lines = ["| stage | wall s | CPU s | this run |", "|---|---|---|---|"]
+    for name, t in timings.items():
+        lines.append(f"| {name} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} | {'reused' if t['reused'] else 'ran'} |")
+    total = sum(t["wall_s"] for t in timings.values())
+    lines.append(f"| total (when made) | {total:.1f} | {sum(t['cpu_s'] for t in timings.values()):.1f} | |")
+    return lines
+
+
+def setup_lines(settings: DemoSettings, layout: Layout) -> List[str]:
+    pairs = sum(1 for _ in (layout.pairs / "preference.jsonl").open())
+    reward_pairs = sum(1 for _ in (layout.pairs / "reward.jsonl").open())
+    width, layers, ffn = settings.model_size
+    sampling = sweep_config(layout, settings, settings.fractions[0], include_sft=False).sampling
+    return [
+        f"- Task: describe 1-4 nouns, one sentence `the NOUN is ADJECTIVE .` each; ground truth "
+        "+1/0/-1 per positive/neutral/negative adjective, -1 per missing noun and per malformed, "
+        f"repeated or off-topic sentence (`{GROUND_TRUTH}`).",
+        f"- Model: llama, width {width}, {layers} layers, feed-forward {ffn}; word-level tokenizer "
+        "with a chat template. Everything trained here with TRL, on CPU.",
+        f"- SFT: {settings.sft_examples} examples, 1 epoch, lr {settings.sft_learning_rate:g}.",
+        f"- Preference pairs: two SFT samples per prompt, labelled by the ground truth, ties dropped: {pairs}.",
+        f"- Reward model (TRL RewardTrainer, a sequence classifier): {reward_pairs} pairs (half the "
+        f"preference pairs plus well-formed vs broken copies), 1 epoch, lr {settings.reward_learning_rate:g}.",
+        f"- DPO (sigmoid loss, beta {settings.dpo_beta:g}, lr {settings.dpo_learning_rate:g}, batch "
+        f"{settings.dpo_batch_size}) on {min(pairs, settings.dpo_pairs)} pairs, one epoch, saved at "
+        + ", ".join(f"{f:.0%}" for f in settings.fractions) + ".",
+        "- Sweep (`mergekit-expo sweep`'s code, the `expo` merge method): alphas 0, "
+        + ", ".join(f"{a:g}" for a in settings.alphas)
+        + f"; alpha chosen on {settings.dev_prompts} dev prompts; numbers below on {settings.test_prompts} "
+        f"test prompts. Sampling as in the paper (temperature {sampling.temperature:g}, top-k {sampling.top_k}, "
+        f"top-p {sampling.top_p:g}, presence and frequency penalty {sampling.presence_penalty:g} and "
+        f"{sampling.frequency_penalty:g}, seed {sampling.seed}), at most {sampling.max_new_tokens} new tokens.",
+    ]
+
+
+def document(settings, layout, rows, claim_list, plots, timings) -> str:
+    parts = [
+        "# ExPO demo: the paper's controlled experiment (Table 2) in miniature",
+        "",
+        "Made by `mergekit-expo demo`. ExPO: theta2 = theta1 + alpha * (theta1 - theta0), theta0 the SFT "
+        "model, theta1 a DPO checkpoint (arXiv 2404.16792).",
+        "",
+        *setup_lines(settings, layout),
+        "",
+        "## Results on the test prompts",
+        "",
+        "`reward model`: mean score of the demo's reward model, which also chose alpha (as RM-Mistral-7B "
+        "did in the paper). `ground truth`: the task's true reward, which the paper cannot measure. "
+        "`never ends`: share of responses cut at the token limit. `paper`: Table 2 (RM-Mistral-7B reward, "
+        "optimal alpha), for the shape only: the scales differ. Mean ± standard error.",
+        "",
+        markdown_table(rows),
+        "## The paper's claims at this scale",
+        "",
+        f"Differences count when larger than {SIGNIFICANCE:g} standard errors.",
+        "",
+    ]
+    for claim in claim_list:
+        parts.append(f"- **{claim['claim']}: {claim['verdict']}.**")
+        parts += [f"  - {line.strip()}" for line in claim["details"]]
+    parts += ["", "## Curves", ""]
+    parts += [f"![{name}](plots/{name})" for name in plots] or ["(matplotlib is not installed: no plots)"]
+    parts += [
+        "",
+        "## Files",
+        "",
+        "- `task/`: prompts (SFT, pair sampling, dev, test) and the tokenizer",
+        "- `sft/`, `reward_model/`, `dpo/p10` ... `dpo/p100`: the trained models",
+        "- `pairs/`: preference pairs (DPO) and reward-model pairs",
+        "- `recipes/`: one `expo` recipe per checkpoint; `sweeps/<checkpoint>/`: each sweep's "
+        "results, generations, plots and `best.yaml`",
+        "- `summary.json`: this report's numbers",
+        "",
+        "## Stage timings",
+        "",
+        *timing_lines(timings),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def build(layout: Layout, settings: DemoSettings) -> Tuple[List[Checkpoint], CandidateResult, CandidateResult]:
+    summaries = load_summaries(layout, settings)
+    reward_model = str(layout.reward_model)
+    checkpoints = [Checkpoint(s, reward_model) for s in summaries]
+    first = checkpoints[0]
+    return checkpoints, first.results[(None, "report")], first.results[(None, "select")]
+
+
+def write(layout: Layout, settings: DemoSettings, timings: Dict[str, dict]) -> None:
+    """report.md, summary.json and plots/ under DIR."""
+    checkpoints, sft_test, sft_dev = build(layout, settings)
+    rows = table_rows(checkpoints, sft_test)
+    claim_list = claims(checkpoints)
+    plots = write_plots(layout, checkpoints, sft_dev)
+    summary = {
+        "settings": settings.model_dump(mode="json"),
+        "table": rows,
+        "claims": claim_list,
+        "alphas": {c.name: {"reward_model": c.alpha_rm, "ground_truth": c.alpha_gt} for c in checkpoints},
+    }
+    write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
+    write_text(layout.report, document(settings, layout, rows, claim_list, plots, timings))
+
+
+def print_summary(summary: dict, echo=print) -> None:
+    """The Table 2 analogue, the claims' verdicts and the stage timings, for the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 120))
+    table = Table(title="ExPO demo: test prompts (cf. the paper's Table 2)")
+    for column in summary["table"][0]:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in summary["table"]:
+        table.add_row(*row.values(), style=None if row["model"].startswith(" ") else "bold")
+    console.print(table)
+    for claim in summary["claims"]:
+        echo(f"- {claim['claim']}: {claim['verdict']}")
+    timings = summary.get("timings", {})
+    ran = {name: t for name, t in timings.items() if not t["reused"]}
+    echo(
+        "Stage timings (wall s): "
+        + ", ".join(f"{name} {t['wall_s']:.0f}{'' if name in ran else ' (reused)'}" for name, t in timings.items())
+    )
+    echo(f"This run: {sum(t['wall_s'] for t in ran.values()):.0f} s of stages.")
