@@ -175,6 +175,8 @@ def test_quick_run_sweeps_every_checkpoint(quick):
         for alpha in (0.0, summary["alpha_by_reward_model"], summary["alpha_by_ground_truth"]):
             assert (alpha, "report") in evaluated
         assert all(set(r["scores"]) == {str(out / "reward_model"), GT} for r in summary["results"])
+        for alpha in (0.0, summary["alpha_by_reward_model"], summary["alpha_by_ground_truth"]):
+            assert len(summary["examples"][f"{alpha:g}"]) == 4
     first = json.loads((out / "sweeps" / "p10" / "demo.json").read_text())
     assert {(None, "select"), (None, "report")} <= {(r["alpha"], r["split"]) for r in first["results"]}
 
@@ -182,8 +184,8 @@ def test_quick_run_sweeps_every_checkpoint(quick):
 def test_quick_run_report(quick):
     out = quick["out"]
     report = (out / "report.md").read_text()
-    expected = ("| model |", "SFT", "DPO 10%", "DPO 100%", "alpha by RM", "alpha by truth", "paper's claims", "Stage timings")
-    for text in expected:
+    expected = ("| model |", "SFT", "DPO 10%", "DPO 100%", "alpha by RM", "alpha by truth", "paper's claims", "## Examples")
+    for text in (*expected, "Stage timings"):
         assert text in report, text
     for name in ("reward_vs_alpha.png", "length_vs_alpha.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,6 +21,7 @@ from expo_eval.files import write_text
 from expo_eval.sweep import digest
 
 GROUND_TRUTH = "expo_eval.demo.task:ground_truth"
+EXAMPLES = 4  # test responses kept per reported alpha, for the report
 
 
 class DemoSettings(BaseModel):
@@ -311,8 +312,23 @@ def make_sweep(layout: Layout, settings: DemoSettings, fraction: float, include_
         "alpha_by_ground_truth": by_truth.alpha,
         "flags": outcome.flags,
         "results": [r.model_dump(mode="json") for r in results.values()],
+        "examples": examples(sweep, [0.0, outcome.chosen.alpha, by_truth.alpha]),
     }
     write_text(layout.sweeps / checkpoint_name(fraction) / "demo.json", json.dumps(summary, indent=2) + "\n")
+
+
+def examples(sweep, alphas: Sequence[float], count: int = EXAMPLES) -> Dict[str, List[dict]]:
+    """The first test-prompt responses of each alpha, with their scores: what the numbers mean."""
+    from expo_eval.sweep import label
+
+    return {
+        f"{alpha:g}": [
+            {"prompt": g.prompt, "response": g.response, "scores": g.scores}
+            for g in sweep.generations[label(alpha)]
+            if g.split == "report"
+        ][:count]
+        for alpha in alphas
+    }
 
 
 def quiet_libraries() -> None:

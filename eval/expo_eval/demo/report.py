@@ -28,6 +28,7 @@ class Checkpoint:
         self.alpha_rm = summary["alpha_by_reward_model"]
         self.alpha_gt = summary["alpha_by_ground_truth"]
         self.flags = summary["flags"]
+        self.examples = summary.get("examples", {})
         self.reward_model = reward_model
         self.results = {
             (r.alpha, r.split): r for r in map(CandidateResult.model_validate, summary["results"])
@@ -367,7 +368,8 @@ def setup_lines(settings: DemoSettings, layout: Layout) -> List[str]:
         f"- SFT: {settings.sft_examples} examples, 1 epoch, lr {settings.sft_learning_rate:g}.",
         f"- Preference pairs: two SFT samples per prompt, labelled by the ground truth, ties dropped: {pairs}.",
         f"- Reward model (TRL RewardTrainer, a sequence classifier): {reward_pairs} pairs (half the "
-        f"preference pairs plus well-formed vs broken copies), 1 epoch, lr {settings.reward_learning_rate:g}.",
+        "preference pairs, plus well-formed answers against truncated, rambling, duplicated or shuffled "
+        f"copies of themselves), 1 epoch, lr {settings.reward_learning_rate:g}.",
         f"- DPO (sigmoid loss, beta {settings.dpo_beta:g}, lr {settings.dpo_learning_rate:g}, batch "
         f"{settings.dpo_batch_size}) on {min(pairs, settings.dpo_pairs)} pairs, one epoch, saved at "
         + ", ".join(f"{f:.0%}" for f in settings.fractions) + ".",
@@ -375,12 +377,37 @@ def setup_lines(settings: DemoSettings, layout: Layout) -> List[str]:
         + ", ".join(f"{a:g}" for a in settings.alphas)
         + f"; alpha chosen on {settings.dev_prompts} dev prompts; numbers below on {settings.test_prompts} "
         f"test prompts. Sampling as in the paper (temperature {sampling.temperature:g}, top-k {sampling.top_k}, "
-        f"top-p {sampling.top_p:g}, presence and frequency penalty {sampling.presence_penalty:g} and "
+        f"top-p {sampling.top_p:g}, presence penalty {sampling.presence_penalty:g}, frequency penalty "
         f"{sampling.frequency_penalty:g}, seed {sampling.seed}), at most {sampling.max_new_tokens} new tokens.",
     ]
 
 
-def document(settings, layout, rows, claim_list, plots, timings) -> str:
+def example_lines(c: Checkpoint) -> List[str]:
+    """Responses to the first test prompts at alpha 0 and at both chosen alphas."""
+    alphas = list(dict.fromkeys([0.0, c.alpha_rm, c.alpha_gt]))
+    picks = {0.0: "", c.alpha_gt: " (ground truth's choice)", c.alpha_rm: " (reward model's choice)"}
+    if c.alpha_rm == c.alpha_gt:
+        picks[c.alpha_rm] = " (both choices)"
+    header = ["prompt", *(f"alpha {a:g}{picks[a]}" for a in alphas)]
+    lines = [
+        f"## Examples: {c.title}, test prompts",
+        "",
+        "Each cell: the response, then (reward model, ground truth).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    columns = [c.examples.get(f"{a:g}", []) for a in alphas]
+    for row in zip(*columns):
+        cells = [row[0]["prompt"]]
+        for example in row:
+            rm, gt = example["scores"][c.reward_model], example["scores"][GROUND_TRUTH]
+            cells.append(f"{example['response'] or '(empty)'} ({rm:.2f}, {gt:g})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def document(settings, checkpoints, layout, rows, claim_list, plots, timings) -> str:
     parts = [
         "# ExPO demo: the paper's controlled experiment (Table 2) in miniature",
         "",
@@ -405,7 +432,7 @@ def document(settings, layout, rows, claim_list, plots, timings) -> str:
     for claim in claim_list:
         parts.append(f"- **{claim['claim']}: {claim['verdict']}.**")
         parts += [f"  - {line.strip()}" for line in claim["details"]]
-    parts += ["", "## Curves", ""]
+    parts += ["", *example_lines(checkpoints[0]), "## Curves", ""]
     parts += [f"![{name}](plots/{name})" for name in plots] or ["(matplotlib is not installed: no plots)"]
     parts += [
         "",
@@ -447,7 +474,7 @@ def write(layout: Layout, settings: DemoSettings, timings: Dict[str, dict]) -> N
         "alphas": {c.name: {"reward_model": c.alpha_rm, "ground_truth": c.alpha_gt} for c in checkpoints},
     }
     write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
-    write_text(layout.report, document(settings, layout, rows, claim_list, plots, timings))
+    write_text(layout.report, document(settings, checkpoints, layout, rows, claim_list, plots, timings))
 
 
 def print_summary(summary: dict, echo=print) -> None:
