@@ -16,7 +16,6 @@ from typing import Dict, List, Sequence, Tuple
 from transformers import PreTrainedTokenizerFast
 
 from mergekit_expo import tiny
-from mergekit_expo.tiny import SPECIAL_TOKENS
 
 NOUNS = (
     "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox deer mouse rabbit "
@@ -39,21 +38,13 @@ Nouns = Tuple[str, ...]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the task's words, with mergekit_expo.tiny's special tokens and chat template.
+    """mergekit_expo.tiny's tokenizer over the task's words.
 
-    The template ends an assistant turn with EOS, and a rendered prompt is an exact
-    token prefix of prompt + answer (whitespace pre-tokenization), as TRL needs.
-    A dedicated pad token, so that a sequence classifier finds each sequence's end.
+    Its template ends an assistant turn with EOS, and a rendered prompt is an exact
+    token prefix of prompt + answer (whitespace pre-tokenization), as TRL needs; the
+    dedicated pad token lets a sequence classifier find each sequence's end.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    base = tiny.build_tokenizer()
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=base.unk_token))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", **base.special_tokens_map)
-    tokenizer.chat_template = base.chat_template
-    return tokenizer
+    return tiny.build_tokenizer(WORDS)
 
 
 def prompt_text(nouns: Sequence[str]) -> str:
