@@ -324,14 +324,19 @@ def summarize(entries: List[TensorRecord]) -> Optional[Summary]:
 _lock = threading.Lock()
 _records: List[TensorRecord] = []
 _output_dtype: Optional[torch.dtype] = None
+_collect = True
 
 
-def reset(output_dtype: Union[str, torch.dtype, None] = None) -> None:
-    """Start a merge's ledger; `output_dtype` is what the writer casts results to."""
-    global _output_dtype
+def reset(output_dtype: Union[str, torch.dtype, None] = None, collect: bool = True) -> None:
+    """Start a merge's ledger; `output_dtype` is what the writer casts results to.
+
+    collect=False skips the statistics (a sweep rebuilding candidates needs none).
+    """
+    global _output_dtype, _collect
     with _lock:
         _records.clear()
         _output_dtype = getattr(torch, dtype_name(output_dtype)) if output_dtype else None
+        _collect = collect
 
 
 def output_dtype() -> Optional[torch.dtype]:
@@ -348,6 +353,8 @@ def record(
     theta2: Optional[torch.Tensor] = None,
 ) -> None:
     """Measure one merged tensor for the end-of-merge summary and the model card."""
+    if not _collect:
+        return
     dtype = _output_dtype or compute_dtype(theta0, theta1)
     change = measure(theta0, theta1, [alpha], [dtype], delta=delta, theta2=theta2)
     entry = TensorRecord(name, tuple(theta0.shape), alpha, change)

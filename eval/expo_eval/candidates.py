@@ -66,7 +66,7 @@ class Candidates:
 
     def weights(self, alpha: Optional[float]) -> Iterator[Tuple[str, torch.Tensor]]:
         """(name, tensor) in the output dtype; alpha None gives theta0 itself."""
-        stats.reset(self.dtype)  # what mergekit-yaml would round to (stochastic rounding too)
+        stats.reset(self.dtype, collect=False)  # round as mergekit-yaml would, stochastic too
         for name, task, tensors in self._tasks:
             if alpha is None:
                 value = tensors[task.base_model]

@@ -59,6 +59,7 @@ class Sweep:
         self._backend = backend
         self._scorers = {s.name: s for s in scorers or []}
         self._loaded_alpha: object = object()
+        self.load_seconds: Dict[tuple, float] = {}
         self.cache = config.out / "cache"
         self.outcome_counts = {"generated": 0, "reused": 0}
         self.generations: Dict[str, List[Generation]] = {}
@@ -109,7 +110,10 @@ class Sweep:
             return [Generation.model_validate_json(line) for line in path.read_text().splitlines()]
         prompts = self.splits[split]
         if self._loaded_alpha != alpha:
-            self.backend.load_candidate(alpha)
+            backend = self.backend  # loading the model itself is not switching candidates
+            started = time.perf_counter()
+            backend.load_candidate(alpha)
+            self.load_seconds[(alpha, split)] = time.perf_counter() - started
             self._loaded_alpha = alpha
         completions = self.backend.generate([p.messages for p in prompts], self.config.sampling)
         rows = [
@@ -150,7 +154,12 @@ class Sweep:
         self._score(alpha, split, rows)
         self.generations[label(alpha)] = self.generations.get(label(alpha), []) + rows
         result = summarize(alpha, split, rows, baseline_rows=self.generations["alpha=0"])
-        result.timing = {"generate_s": generated - started, "score_s": time.perf_counter() - generated}
+        load = self.load_seconds.get((alpha, split), 0.0)
+        result.timing = {
+            "load_s": load,
+            "generate_s": generated - started - load,
+            "score_s": time.perf_counter() - generated,
+        }
         if baseline is not None:
             result = mark_collapse(result, baseline, self.config.selector)
         self._evaluated[(alpha, split)] = result
