@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_merge import _fmt_mib, _load, build_models, run_child, settle, versions  # noqa: E402
-from common import table  # noqa: E402
+from common import add_model_options, table  # noqa: E402
 
 RUNS = ("read", "inspect", "startup")
 LABELS = {
@@ -138,11 +138,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", help="models are cached here (default: a temp dir, removed)")
-    parser.add_argument("--size-gb", type=float, default=1.0, help="bf16 model size (1e9 bytes)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 0.1 GB, 1 repeat")
-    parser.add_argument("--repeats", type=int, help="rounds of (i, ii, iii) (default 3, quick 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_options(parser, size_gb=1.0, runs="i, ii, iii")
     parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both",
                         help="inputs in the page cache before each run, evicted, or both")
     args = parser.parse_args(argv)

@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from common import table
+from common import add_model_options, table
 
 BENCH_FORMAT = 1  # bump when the synthetic model recipe changes
 INIT_STD = 0.02  # LlamaConfig.initializer_range
@@ -446,12 +446,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", help="models are cached here (default: a temp dir, removed)")
-    parser.add_argument("--size-gb", type=float, default=1.5, help="bf16 model size (1e9 bytes)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 0.1 GB, 1 repeat")
-    parser.add_argument("--repeats", type=int, help="rounds of (a, b, c) (default 3, quick 1)")
+    add_model_options(parser, size_gb=1.5, runs="a, b, c")
     parser.add_argument("--alpha", type=float, default=0.3)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--mergekit-args", default="",
         help="extra options for both mergekit-yaml runs, e.g. '--out-shard-size 1B'",

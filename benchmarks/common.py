@@ -1,5 +1,6 @@
 """Shared printing for the benchmark scripts."""
 
+import argparse
 from typing import List
 
 
@@ -14,3 +15,12 @@ def table(headers: List[str], rows: List[List[str]]) -> str:
         )
 
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def add_model_options(parser: argparse.ArgumentParser, size_gb: float, runs: str) -> None:
+    """The synthetic-model options shared by the merge and inspect benchmarks."""
+    parser.add_argument("--work-dir", help="models are cached here (default: a temp dir, removed)")
+    parser.add_argument("--size-gb", type=float, default=size_gb, help="bf16 model size (1e9 bytes)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 0.1 GB, 1 repeat")
+    parser.add_argument("--repeats", type=int, help=f"rounds of ({runs}) (default 3, quick 1)")
+    parser.add_argument("--seed", type=int, default=0)
