@@ -137,3 +137,52 @@ def test_classifier_with_several_labels_is_rejected(tmp_path):
 def test_function_scorer():
     scorer = load_scorer("rewards:word_count")
     assert scorer.score(load_prompts("smoke", limit=2), ["a b c", ""]) == [3.0, 0.0]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 1000 elements: every tiny-model matrix is computed in several pieces."""
+    import expo_eval.candidates as module
+
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1000)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"dtype": "float32"}, {"out_dtype": "float16"}],
+    ids=["bf16", "dtype-float32", "out-float16"],
+)
+def test_chunked_candidates_equal_mergekit_yaml_bitwise(filtered_recipe, small_chunks, tmp_path, extra):
+    recipe = dict(filtered_recipe, parameters={"alpha": 0.7}, **extra)
+    run_cli("mergekit-yaml", write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "out")
+    written = load(tmp_path / "out")
+    candidates = Candidates(load_recipe(yaml.safe_dump(recipe)))
+    pieces = [name for name, _, rows, _ in candidates.chunks(0.7) if rows is not Ellipsis]
+    assert len(pieces) > len(set(pieces)) > 0  # some tensors really came in several chunks
+    weights = dict(candidates.weights(0.7))
+    assert weights.keys() == written.keys()
+    for name, tensor in written.items():
+        assert weights[name].dtype == tensor.dtype and torch.equal(weights[name], tensor), name
+    filled = {name: torch.empty_like(tensor) for name, tensor in written.items()}
+    assert candidates.fill(0.7, filled) == len(written)
+    assert all(torch.equal(filled[k], v) for k, v in written.items())
+
+
+def test_inputs_stay_as_stored(filtered_recipe):
+    """A float32 recipe dtype does not hold float32 copies of both bf16 models for the sweep."""
+    candidates = Candidates(load_recipe(yaml.safe_dump(dict(filtered_recipe, dtype="float32"))))
+    dtypes = {t.dtype for _, _, tensors in candidates._tasks for t in tensors.values()}
+    assert dtypes == {torch.bfloat16}
+    assert candidates.dtype == torch.float32
+
+
+def test_fill_names_a_missing_or_misshapen_tensor(filtered_recipe):
+    candidates = Candidates(load_recipe(yaml.safe_dump(filtered_recipe)))
+    shapes = {name: shape for name, shape, _, _ in candidates.chunks(None)}
+    with pytest.raises(KeyError):
+        candidates.fill(0.3, {})
+    name = next(iter(shapes))
+    wrong = {n: torch.empty(s, dtype=torch.bfloat16) for n, s in shapes.items()}
+    wrong[name] = torch.empty(3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=name):
+        candidates.fill(0.3, wrong)

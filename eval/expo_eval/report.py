@@ -44,14 +44,20 @@ def scorers(results: List[CandidateResult], selector: str) -> List[str]:
 
 
 def results_document(
-    results: List[CandidateResult], chosen: CandidateResult, selector: str, flags: List[str]
+    results: List[CandidateResult],
+    chosen: CandidateResult,
+    selector: str,
+    flags: List[str],
+    timing: Optional[dict] = None,
 ) -> dict:
+    """timing: the sweep's own costs apart from any candidate (model or engine start-up)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "selector": selector,
         "chosen_alpha": chosen.alpha,
         "chosen_label": chosen.label,
         "flags": list(flags),
+        "timing": dict(timing or {}),
         "candidates": [r.model_dump(mode="json") for r in ordered(results)],
     }
 
@@ -287,11 +293,12 @@ def write_report(
     selector: str,
     flags: List[str],
     generations: Dict[str, List[Generation]],
+    timing: Optional[dict] = None,
 ) -> None:
     """results.json, results.csv, best.yaml, card_table.md and the plots, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    document = results_document(results, chosen, selector, flags)
+    document = results_document(results, chosen, selector, flags, timing)
     write_text(out_dir / "results.json", json.dumps(document, indent=2) + "\n")
     write_text(out_dir / "results.csv", results_csv(results, selector))
     write_text(out_dir / "best.yaml", best_recipe(recipe_text, chosen, selector))

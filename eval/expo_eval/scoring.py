@@ -1,12 +1,14 @@
 """Scorers: Hugging Face reward models (scalar sequence classifiers) and Python functions."""
 
 import importlib
+import os
 import re
-from typing import Callable, List, Protocol, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from expo_eval.chat import render_ids
 from expo_eval.prompts import Prompt
 
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -37,9 +39,8 @@ class FunctionScorer:
 class RewardModelScorer:
     """A reward model such as RM-Mistral-7B or FsfairX-LLaMA3-RM: one logit per sequence.
 
-    The conversation is rendered with the reward model's own chat template. A
-    template that already starts with BOS is tokenized without adding another
-    (a duplicated BOS measurably shifts these models' scores).
+    The conversation is rendered with the reward model's own chat template, with
+    one BOS (expo_eval.chat).
     """
 
     def __init__(self, spec: str, device: str = "cpu", batch_size: int = 8):
@@ -63,12 +64,8 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def _encode(self, prompt: Prompt, response: str) -> List[int]:
-        text = self.tokenizer.apply_chat_template(
-            prompt.messages + [{"role": "assistant", "content": response}], tokenize=False
-        )
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        messages = prompt.messages + [{"role": "assistant", "content": response}]
+        return render_ids(self.tokenizer, messages, add_generation_prompt=False)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> List[float]:
@@ -88,3 +85,23 @@ def load_scorer(spec: str, device: str = "cpu") -> Scorer:
     if _FUNCTION_SPEC.match(spec):
         return FunctionScorer(spec)
     return RewardModelScorer(spec, device=device)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def reward_model_bytes(specs: Sequence[str]) -> Optional[int]:
+    """Bytes of the reward models' weight files (local folders), to size what shares a GPU.
+
+    None when one of them is not a local folder (a Hub ID not known offline).
+    """
+    total = 0
+    for spec in specs:
+        if _FUNCTION_SPEC.match(spec):
+            continue
+        if not os.path.isdir(spec):
+            return None
+        total += sum(
+            entry.stat().st_size for entry in os.scandir(spec) if entry.name.endswith(WEIGHT_SUFFIXES)
+        )
+    return total

@@ -3,15 +3,20 @@
 Generations and scores are cached under DIR/cache by a hash of everything that
 determines them, and written atomically as each candidate finishes: an
 interrupted sweep resumes where it stopped, and a repeated one generates nothing.
+
+A grid sweep generates every candidate first, releases the model (or vLLM engine),
+then loads the reward models and scores: on one GPU the two never compete for
+memory. A search alternates, so both stay loaded (the engine is sized for it).
 """
 
+import gc
 import hashlib
 import json
 import logging
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from expo_eval.candidates import load_recipe
 from expo_eval.config import SweepConfig
@@ -26,6 +31,7 @@ from expo_eval.search import (
     reward_hacking_flags,
     search_alphas,
 )
+from expo_eval.shards import generate_sharded
 
 def digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -41,7 +47,7 @@ LOG = logging.getLogger("expo_eval")
 @dataclass
 class SweepOutcome:
     results: List[CandidateResult]
-    chosen: CandidateResult
+    chosen: Optional[CandidateResult]  # None when the sweep only generated
     flags: List[str]
     generated: int = 0
     reused: int = 0
@@ -57,13 +63,18 @@ class Sweep:
         self.recipe = load_recipe(self.recipe_text)
         self.splits = self._prompt_splits()
         self._backend = backend
-        self._scorers = {s.name: s for s in scorers or []}
+        self._owns_backend = backend is None
+        self._given_scorers = {s.name: s for s in scorers or []}
+        self._scorers = dict(self._given_scorers)
         self._loaded_alpha: object = object()
         self.load_seconds: Dict[tuple, float] = {}
+        self.startup_seconds: List[float] = []  # one per model or engine built
         self.cache = config.out / "cache"
         self.outcome_counts = {"generated": 0, "reused": 0}
         self.generations: Dict[str, List[Generation]] = {}
+        self._rows: Dict[tuple, List[Generation]] = {}
         self._evaluated: Dict[tuple, CandidateResult] = {}
+        self._reward_bytes: Optional[int] = None  # set while reward models share the device
 
     def _prompt_splits(self) -> Dict[Split, List[Prompt]]:
         config = self.config
@@ -79,8 +90,25 @@ class Sweep:
         if self._backend is None:
             from expo_eval.backends import make_backend
 
-            self._backend = make_backend(self.config, self.recipe_text, self.recipe)
+            started = time.perf_counter()
+            self._backend = make_backend(
+                self.config, self.recipe_text, self.recipe, reward_bytes=self._reward_bytes
+            )
+            self.startup_seconds.append(time.perf_counter() - started)
+            LOG.info("%s backend ready in %.1f s", self.config.backend, self.startup_seconds[-1])
         return self._backend
+
+    def release_backend(self) -> None:
+        """Free the generating model (and the engine's processes and GPU memory)."""
+        if self._backend is not None and self._owns_backend:
+            self._backend.close()
+            self._backend = None
+            self._loaded_alpha = object()
+            _free_memory()
+
+    def release_scorers(self) -> None:
+        self._scorers = dict(self._given_scorers)
+        _free_memory()
 
     def scorer(self, name: str) -> Scorer:
         if name not in self._scorers:
@@ -103,11 +131,15 @@ class Sweep:
         )
 
     def _generate(self, alpha: Optional[float], split: Split) -> List[Generation]:
+        if (alpha, split) in self._rows:
+            return self._rows[(alpha, split)]
         key = self.generation_key(alpha, split)
         path = self.cache / f"{key}.jsonl"
         if path.exists():
             self.outcome_counts["reused"] += 1
-            return [Generation.model_validate_json(line) for line in path.read_text().splitlines()]
+            rows = [Generation.model_validate_json(line) for line in path.read_text().splitlines()]
+            self._rows[(alpha, split)] = rows
+            return rows
         prompts = self.splits[split]
         if self._loaded_alpha != alpha:
             backend = self.backend  # loading the model itself is not switching candidates
@@ -129,7 +161,13 @@ class Sweep:
         ]
         write_text(path, "".join(row.model_dump_json() + "\n" for row in rows))
         self.outcome_counts["generated"] += 1
+        self._rows[(alpha, split)] = rows
         return rows
+
+    def generate(self, alphas: Sequence[Optional[float]], split: Split) -> None:
+        """Generate (or find in the cache) every candidate's responses, scoring nothing."""
+        for alpha in alphas:
+            self._generate(alpha, split)
 
     def _score(self, alpha: Optional[float], split: Split, rows: List[Generation]) -> None:
         for name in self.config.reward_models:
@@ -183,25 +221,61 @@ class Sweep:
         from expo_eval.report import print_table, write_report
 
         config = self.config
-        results = [self.evaluate(0.0, "select")]
-        if config.alphas is not None:
-            results += [self.evaluate(a, "select") for a in sorted(set(config.alphas) - {0.0})]
-        else:
-            results += search_alphas(lambda a: self.evaluate(a, "select"), config.search, config.selector)
-        if config.include_sft:
-            results.append(self.evaluate(None, "select"))
-        chosen = choose_alpha([r for r in results if r.alpha is not None], config.selector)
-        reported = {0.0, chosen.alpha} | ({None} if config.include_sft else set())
-        if self.splits["report"]:
-            results += [self.evaluate(a, "report") for a in sorted(reported, key=lambda a: -2 if a is None else a)]
+        try:
+            if config.alphas is not None:
+                results = self._grid()
+                if results is None:
+                    return self._outcome([], None, [])
+            else:
+                results = self._search()
+            chosen = choose_alpha([r for r in results if r.alpha is not None], config.selector)
+            reported = sorted({0.0, chosen.alpha} | ({None} if config.include_sft else set()), key=_order)
+            if self.splits["report"]:
+                self.generate(reported, "report")
+                self.release_backend()
+                results += [self.evaluate(a, "report") for a in reported]
+        finally:
+            self.release_backend()
+            self.release_scorers()
         flags = reward_hacking_flags(results, chosen, config.selector)
         for name, rows in self.generations.items():
             write_text(
                 config.out / "generations" / f"{name}.jsonl",
                 "".join(row.model_dump_json() + "\n" for row in rows),
             )
-        write_report(config.out, results, chosen, self.recipe_text, config.selector, flags, self.generations)
+        timing = {"startup_s": self.startup_seconds}
+        write_report(config.out, results, chosen, self.recipe_text, config.selector, flags, self.generations, timing)
         print_table(results, chosen, config.selector)
+        return self._outcome(results, chosen, flags)
+
+    def _grid(self) -> Optional[List[CandidateResult]]:
+        """Every candidate generated, the engine released, then everything scored."""
+        config = self.config
+        alphas: List[Optional[float]] = sorted(set(config.alphas) | ({0.0} if not config.generate_only else set()))
+        alphas += [None] if config.include_sft else []
+        if config.gpus is not None and len(config.gpus) > config.engine.tensor_parallel_size:
+            generate_sharded(config, alphas)  # every GPU group fills the shared cache
+        self.generate(alphas, "select")
+        if self.splits["report"]:
+            self.generate([a for a in alphas if a in (0.0, None)], "report")  # always reported
+        self.release_backend()
+        if config.generate_only:
+            return None
+        return [self.evaluate(a, "select") for a in sorted(alphas, key=_order)]
+
+    def _search(self) -> List[CandidateResult]:
+        """Generation and scoring alternate: the engine leaves the reward models room."""
+        from expo_eval.scoring import reward_model_bytes
+
+        config = self.config
+        self._reward_bytes = reward_model_bytes(config.reward_models)
+        results = [self.evaluate(0.0, "select")]
+        results += search_alphas(lambda a: self.evaluate(a, "select"), config.search, config.selector)
+        if config.include_sft:
+            results.append(self.evaluate(None, "select"))
+        return results
+
+    def _outcome(self, results, chosen, flags) -> SweepOutcome:
         return SweepOutcome(
             results=results,
             chosen=chosen,
@@ -210,6 +284,19 @@ class Sweep:
             reused=self.outcome_counts["reused"],
             generations=self.generations,
         )
+
+
+def _order(alpha: Optional[float]) -> float:
+    """SFT (None) first, then alphas ascending."""
+    return -2.0 if alpha is None else alpha
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def summarize(

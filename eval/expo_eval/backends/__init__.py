@@ -1,50 +1,34 @@
-"""Generation backends behind one interface, as lm-eval separates models from tasks."""
+"""Generation backends behind one interface (backends.base); `make_backend` builds the configured one.
 
-from typing import List, Optional, Protocol, Sequence
+The backends are imported when asked for: vLLM is an optional extra, and neither
+backend module imports this package's names (only backends.base), so there is no cycle.
+"""
 
-from pydantic import BaseModel
+import logging
+from typing import Optional
 
-from expo_eval.config import SamplingConfig
-from expo_eval.records import FinishReason
+from expo_eval.backends.base import Backend, BackendError, Completion
 
-Messages = List[dict]  # chat messages: [{"role": "user", "content": ...}]
+LOG = logging.getLogger("expo_eval")
 
-
-class Completion(BaseModel):
-    text: str
-    tokens: int
-    finish_reason: FinishReason
+__all__ = ["Backend", "BackendError", "Completion", "make_backend"]
 
 
-class Backend(Protocol):
-    """Holds one loaded model whose weights are swapped per candidate."""
+def make_backend(config, recipe_text: str, recipe, *, reward_bytes: Optional[int] = None) -> Backend:
+    """The configured backend. `reward_bytes`: what the reward models need on the same
+    device while the engine is up (None: they score after it is released)."""
+    import torch
 
-    def load_candidate(self, alpha: Optional[float]) -> None:
-        """Set the weights to theta1 + alpha * delta, or to theta0 when alpha is None."""
-
-    def generate(
-        self, prompts: Sequence[Messages], sampling: SamplingConfig
-    ) -> List[Completion]:
-        """Sample one completion per prompt, deterministic for sampling.seed."""
-
-    def close(self) -> None: ...
-
-
-def make_backend(config, recipe_text: str, recipe) -> Backend:
-    """The configured backend; vLLM only when asked for (optional extra).
-
-    vLLM workers build their own candidates, so the driver loads no weights then.
-    """
-    device = config.device or ("cuda" if _cuda() else "cpu")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     chat_template = config.chat_template.read_text() if config.chat_template else None
     if config.backend == "vllm":
-        from expo_eval.backends.vllm import VLLMBackend
+        from expo_eval.backends.vllm import VLLMBackend, engine_options
 
         return VLLMBackend(
             recipe_text,
             recipe.models[0].model.model.path,
-            tensor_parallel_size=config.tensor_parallel_size,
             chat_template=chat_template,
+            **engine_options(config.engine, on_gpu=device.startswith("cuda"), reward_bytes=reward_bytes),
         )
     from expo_eval.backends.hf import MaterializedBackend, TransformersBackend
     from expo_eval.candidates import Candidates
@@ -59,9 +43,3 @@ def make_backend(config, recipe_text: str, recipe) -> Backend:
             chat_template=chat_template,
         )
     return TransformersBackend(candidates, device=device, chat_template=chat_template)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

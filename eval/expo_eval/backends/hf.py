@@ -1,6 +1,7 @@
 """The transformers backend: one loaded model, weights swapped in place per candidate."""
 
 import shutil
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -17,13 +18,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from expo_eval.backends import Completion, Messages
+from expo_eval.backends.base import BackendError, Completion
 from expo_eval.candidates import Candidates
+from expo_eval.chat import Messages, render_ids, response_text
 from expo_eval.config import SamplingConfig
-
-
-class BackendError(ValueError):
-    """The model or tokenizer cannot be used for chat generation."""
 
 
 class PresenceFrequencyPenalty(LogitsProcessor):
@@ -89,8 +87,10 @@ class TransformersBackend:
         self.candidates = candidates
         self.device = device
         path = candidates.aligned_models[0].model.path
+        started = time.perf_counter()
         self.tokenizer = load_tokenizer(path, chat_template)
         self.model = self._load_model(path)
+        self.startup_seconds = time.perf_counter() - started
 
     def _load_model(self, path: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.candidates.dtype)
@@ -98,16 +98,14 @@ class TransformersBackend:
 
     @torch.no_grad()
     def load_candidate(self, alpha: Optional[float]) -> None:
-        tensors = self.model.state_dict(keep_vars=True)
-        for name, tensor in self.candidates.weights(alpha):
-            if name not in tensors:
-                raise BackendError(f"the recipe produces tensor {name}, which the model lacks")
-            tensors[name].copy_(tensor)
+        """Overwrite the weights chunk by chunk: no tensor-sized temporary."""
+        try:
+            self.candidates.fill(alpha, self.model.state_dict(keep_vars=True))
+        except KeyError as error:
+            raise BackendError(f"the recipe produces tensor {error.args[0]}, which the model lacks") from None
 
     def render(self, messages: Messages) -> List[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        bos = self.tokenizer.bos_token
-        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+        return render_ids(self.tokenizer, messages, add_generation_prompt=True)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Messages], sampling: SamplingConfig) -> List[Completion]:
@@ -140,12 +138,12 @@ class TransformersBackend:
 
     def _completion(self, row: List[int], eos: int) -> Completion:
         if eos in row:
-            tokens = row[: row.index(eos)]
-            return Completion(text=self.tokenizer.decode(tokens, skip_special_tokens=True), tokens=len(tokens) + 1, finish_reason="stop")
-        return Completion(text=self.tokenizer.decode(row, skip_special_tokens=True), tokens=len(row), finish_reason="length")
+            ids = row[: row.index(eos) + 1]
+            return Completion(text=response_text(self.tokenizer, ids, [eos]), tokens=len(ids), finish_reason="stop")
+        return Completion(text=response_text(self.tokenizer, row, []), tokens=len(row), finish_reason="length")
 
     def close(self) -> None:
-        del self.model
+        self.model = None
 
 
 class MaterializedBackend(TransformersBackend):

