@@ -25,8 +25,9 @@ from mergekit.plan import MergePlanner
 from mergekit_expo.rules import require_base_model
 from mergekit_expo.run import output_dtype
 
-# Elements per chunk: 16 MiB per float32 buffer; the kernel holds a few of them.
-CHUNK_ELEMENTS = 1 << 22
+# Elements per chunk: 4 MiB per float32 buffer (the kernel holds a few), big enough
+# that per-call overhead is small next to the arithmetic.
+CHUNK_ELEMENTS = 1 << 20
 
 Rows = Union[slice, type(Ellipsis)]
 

@@ -95,7 +95,7 @@ class SweepConfig(BaseModel):
         None,
         description="GPUs to spread a grid over, e.g. 0,1,2,3: one engine per tensor_parallel_size GPUs, alphas dealt round robin.",
     )
-    generate_only: bool = Field(False, description="Generate and cache every candidate's responses, score nothing (a later run scores).")
+    generate_only: bool = Field(False, description="Generate and cache the responses of exactly the given alphas (0 is not added), score nothing; a later run scores.")
     chat_template: Optional[Path] = Field(None, description="Jinja chat template file for a tokenizer without one.")
     materialize: bool = Field(False, description="Write every candidate with mergekit and load it (slow; the paper's loop).")
     keep_models: bool = Field(False, description="Keep the checkpoints --materialize writes.")

@@ -1,7 +1,7 @@
 """What a sweep leaves behind: tables, the chosen recipe, the curves, a terminal summary.
 
 More than one number per alpha (several scorers, length, unfinished share, collapse),
-because the selector is being optimized against (DESIGN.md section 7).
+because the selecting reward model is being optimized against.
 """
 
 import csv

@@ -1,8 +1,8 @@
 """Choosing alpha: collapse detection, the paper's grid-then-bisect search, hacking flags.
 
 Past its optimum ExPO does not degrade gently: the first-order approximation breaks,
-reward drops sharply and responses get long, repetitive or never end (DESIGN.md
-section 1). The search therefore never looks beyond a collapsed alpha, and the
+reward drops sharply and responses get long, repetitive or never end (Zheng et al.,
+arXiv 2404.16792). The search therefore never looks beyond a collapsed alpha, and the
 choice is only among candidates that did not collapse.
 """
 
@@ -191,7 +191,7 @@ def reward_hacking_flags(
     """Warnings where the chosen alpha pleases the selector but another scorer disagrees.
 
     The selector is being optimized against; a second scorer that falls while it rises
-    is the sign of reward hacking seen in DESIGN.md section 7. Compared on the held-out
+    is the sign of reward hacking (the tiny demo shows it). Compared on the held-out
     report split where there is one.
     """
     split = "report" if any(r.split == "report" for r in results) else "select"

@@ -67,7 +67,8 @@ class Sweep:
         self._given_scorers = {s.name: s for s in scorers or []}
         self._scorers = dict(self._given_scorers)
         self._loaded_alpha: object = object()
-        self.load_seconds: Dict[tuple, float] = {}
+        self.load_seconds: Dict[tuple, float] = {}  # switching to the candidate
+        self.generate_seconds: Dict[tuple, float] = {}
         self.startup_seconds: List[float] = []  # one per model or engine built
         self.cache = config.out / "cache"
         self.outcome_counts = {"generated": 0, "reused": 0}
@@ -147,7 +148,9 @@ class Sweep:
             backend.load_candidate(alpha)
             self.load_seconds[(alpha, split)] = time.perf_counter() - started
             self._loaded_alpha = alpha
+        started = time.perf_counter()
         completions = self.backend.generate([p.messages for p in prompts], self.config.sampling)
+        self.generate_seconds[(alpha, split)] = time.perf_counter() - started
         rows = [
             Generation(
                 prompt_id=p.id,
@@ -186,17 +189,15 @@ class Sweep:
         if (alpha, split) in self._evaluated:
             return self._evaluated[(alpha, split)]
         baseline = None if alpha == 0 else self.evaluate(0.0, split)
-        started = time.perf_counter()
         rows = self._generate(alpha, split)
-        generated = time.perf_counter()
+        scoring = time.perf_counter()
         self._score(alpha, split, rows)
         self.generations[label(alpha)] = self.generations.get(label(alpha), []) + rows
         result = summarize(alpha, split, rows, baseline_rows=self.generations["alpha=0"])
-        load = self.load_seconds.get((alpha, split), 0.0)
-        result.timing = {
-            "load_s": load,
-            "generate_s": generated - started - load,
-            "score_s": time.perf_counter() - generated,
+        result.timing = {  # zero for what came from the cache
+            "load_s": self.load_seconds.get((alpha, split), 0.0),
+            "generate_s": self.generate_seconds.get((alpha, split), 0.0),
+            "score_s": time.perf_counter() - scoring,
         }
         if baseline is not None:
             result = mark_collapse(result, baseline, self.config.selector)

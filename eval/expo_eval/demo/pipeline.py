@@ -16,11 +16,11 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from expo_eval.demo import task
+from expo_eval.demo import report, task
+from expo_eval.demo.report import GROUND_TRUTH
 from expo_eval.files import write_text
 from expo_eval.sweep import digest
 
-GROUND_TRUTH = "expo_eval.demo.task:ground_truth"
 EXAMPLES = 4  # test responses kept per reported alpha, for the report
 
 
@@ -352,8 +352,6 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run (or reuse) every stage under `out`; returns the summary the report was made from."""
-    from expo_eval.demo import report
-
     quiet_libraries()
     layout = Layout(Path(out))
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -377,7 +375,13 @@ def run_demo(
         "report",
         sweeps,
         [layout.report, layout.summary, layout.plots],
-        lambda: report.write(layout, settings, stages.timings),
+        lambda: report.write(
+            layout,
+            settings,
+            stages.timings,
+            load_summaries(layout, settings),
+            sweep_config(layout, settings, settings.fractions[0], include_sft=False).sampling,
+        ),
     )
     summary = json.loads(layout.summary.read_text())
     summary["timings"] = stages.timings

@@ -7,9 +7,12 @@ only when it exceeds two standard errors, otherwise it is reported as a tie.
 
 import json
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from expo_eval.demo.pipeline import GROUND_TRUTH, DemoSettings, Layout, load_summaries, sweep_config
+if TYPE_CHECKING:  # the pipeline calls this module; it passes what the report needs
+    from expo_eval.demo.pipeline import DemoSettings, Layout
+
+GROUND_TRUTH = "expo_eval.demo.task:ground_truth"  # the task's own scorer, as a sweep names it
 from expo_eval.files import write_atomic, write_text
 from expo_eval.records import CandidateResult
 
@@ -228,7 +231,7 @@ def rivals_full(by: str, scorer: str):
 
 
 def claim_reward_hacking(checkpoints: List[Checkpoint]) -> Tuple[str, List[str]]:
-    """DESIGN.md section 7: the learned reward model is optimized against."""
+    """The learned reward model is optimized against: its alpha wins by itself, loses by the ground truth."""
     lines, flags = [], []
     for c in checkpoints:
         larger = c.alpha_rm > c.alpha_gt
@@ -273,7 +276,7 @@ CLAIMS = (
         rivals_full("gt", GROUND_TRUTH),
     ),
     (
-        "Reward hacking: the reward model's alpha is larger and worse by the ground truth (DESIGN.md section 7)",
+        "Reward hacking: the reward model's alpha is larger and worse by the ground truth",
         claim_reward_hacking,
     ),
 )
@@ -319,7 +322,7 @@ def figure(checkpoints: List[Checkpoint], sft_dev: CandidateResult, panels):
     return fig
 
 
-def write_plots(layout: Layout, checkpoints: List[Checkpoint], sft_dev: CandidateResult) -> List[str]:
+def write_plots(layout: "Layout", checkpoints: List[Checkpoint], sft_dev: CandidateResult) -> List[str]:
     try:
         import matplotlib  # noqa: F401  (the [demo] extra)
     except ImportError:
@@ -354,11 +357,10 @@ def timing_lines(timings: Dict[str, dict]) -> List[str]:
     return lines
 
 
-def setup_lines(settings: DemoSettings, layout: Layout) -> List[str]:
+def setup_lines(settings: "DemoSettings", layout: "Layout", sampling) -> List[str]:
     pairs = sum(1 for _ in (layout.pairs / "preference.jsonl").open())
     reward_pairs = sum(1 for _ in (layout.pairs / "reward.jsonl").open())
     width, layers, ffn = settings.model_size
-    sampling = sweep_config(layout, settings, settings.fractions[0], include_sft=False).sampling
     return [
         f"- Task: describe 1-4 nouns, one sentence `the NOUN is ADJECTIVE .` each; ground truth "
         "+1/0/-1 per positive/neutral/negative adjective, -1 per missing noun and per malformed, "
@@ -407,14 +409,14 @@ def example_lines(c: Checkpoint) -> List[str]:
     return [*lines, ""]
 
 
-def document(settings, checkpoints, layout, rows, claim_list, plots, timings) -> str:
+def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling) -> str:
     parts = [
         "# ExPO demo: the paper's controlled experiment (Table 2) in miniature",
         "",
         "Made by `mergekit-expo demo`. ExPO: theta2 = theta1 + alpha * (theta1 - theta0), theta0 the SFT "
         "model, theta1 a DPO checkpoint (arXiv 2404.16792).",
         "",
-        *setup_lines(settings, layout),
+        *setup_lines(settings, layout, sampling),
         "",
         "## Results on the test prompts",
         "",
@@ -453,17 +455,21 @@ def document(settings, checkpoints, layout, rows, claim_list, plots, timings) ->
     return "\n".join(parts)
 
 
-def build(layout: Layout, settings: DemoSettings) -> Tuple[List[Checkpoint], CandidateResult, CandidateResult]:
-    summaries = load_summaries(layout, settings)
+def build(layout: "Layout", summaries: List[dict]) -> Tuple[List[Checkpoint], CandidateResult, CandidateResult]:
     reward_model = str(layout.reward_model)
     checkpoints = [Checkpoint(s, reward_model) for s in summaries]
     first = checkpoints[0]
     return checkpoints, first.results[(None, "report")], first.results[(None, "select")]
 
 
-def write(layout: Layout, settings: DemoSettings, timings: Dict[str, dict]) -> None:
-    """report.md, summary.json and plots/ under DIR."""
-    checkpoints, sft_test, sft_dev = build(layout, settings)
+def write(
+    layout: "Layout", settings: "DemoSettings", timings: Dict[str, dict], summaries: List[dict], sampling
+) -> None:
+    """report.md, summary.json and plots/ under DIR, from the sweeps' summaries.
+
+    sampling: the sweeps' sampling settings (reported in the set-up section).
+    """
+    checkpoints, sft_test, sft_dev = build(layout, summaries)
     rows = table_rows(checkpoints, sft_test)
     claim_list = claims(checkpoints)
     plots = write_plots(layout, checkpoints, sft_dev)
@@ -474,7 +480,7 @@ def write(layout: Layout, settings: DemoSettings, timings: Dict[str, dict]) -> N
         "alphas": {c.name: {"reward_model": c.alpha_rm, "ground_truth": c.alpha_gt} for c in checkpoints},
     }
     write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
-    write_text(layout.report, document(settings, checkpoints, layout, rows, claim_list, plots, timings))
+    write_text(layout.report, document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling))
 
 
 def print_summary(summary: dict, echo=print) -> None:

@@ -1,0 +1,181 @@
+"""The sweep's command line (generated from SweepConfig), its phases and its GPU sharding."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import expo_recipe, run_cli, write_recipe
+
+from expo_eval.cli import build_config
+from expo_eval.config import SweepConfig
+from expo_eval.shards import gpu_groups, shard_alphas, shard_configs
+from expo_eval.sweep import Sweep
+from mergekit_expo.cli import main
+from mergekit_expo.tiny import build_reward_model
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    return build_reward_model(str(tmp_path_factory.mktemp("rm") / "rm"))
+
+
+@pytest.fixture
+def recipe(family, tmp_path):
+    return write_recipe(tmp_path / "recipe.yaml", expo_recipe(family))
+
+
+def flags(**given):
+    """Every generated flag unset (None), as click passes them, plus the given ones."""
+    from expo_eval.cli import FLAGS
+
+    return {**dict.fromkeys(FLAGS), **given}
+
+
+def test_every_config_field_has_a_flag():
+    from expo_eval.cli import FLAGS
+
+    leaves = {path for path in FLAGS.values()}
+    for name, info in SweepConfig.model_fields.items():
+        if name == "recipe":
+            continue
+        nested = getattr(info.annotation, "model_fields", None)
+        if nested and name != "search":
+            assert {(name, inner) for inner in nested} <= leaves, name
+        else:
+            assert (name,) in leaves or name == "search", name
+    assert {("search", inner) for inner in SweepConfig.model_fields["search"].annotation.__args__[0].model_fields} <= leaves
+
+
+def test_zero_and_false_are_values_and_flags_override_yaml(tmp_path, recipe):
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "out": str(tmp_path / "o"), "alphas": [0.3], "reward_models": ["rewards:word_count"],
+        "include_sft": True, "limit": 5, "engine": {"enforce_eager": True},
+    }))
+    config = build_config(recipe, str(config_file), flags(
+        include_sft=False, enforce_eager=False, top_k=0, temperature=0.0, presence_penalty=0.0,
+    ))
+    assert config.include_sft is False and config.engine.enforce_eager is False
+    assert (config.sampling.top_k, config.sampling.temperature, config.sampling.presence_penalty) == (0, 0.0, 0.0)
+    assert config.limit == 5  # from the YAML, untouched by an unset flag
+    with pytest.raises(Exception, match=r"--limit \(limit\)"):
+        build_config(recipe, str(config_file), flags(limit=0))  # 0 is a value, and not a valid one
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--alphas", "a,b"], "Invalid value for '--alphas'"),
+        (["--alphas", "0.1,nan"], "--alphas (alphas): Value error, alpha must be a finite number"),
+        (["--search", "0.1"], "Invalid value for '--search'"),
+        (["--alphas", "0.1", "--select-fraction", "0"], "--select-fraction (select_fraction)"),
+        (["--alphas", "0.1", "--kv-cache-gib", "-1"], "--kv-cache-gib (engine.kv_cache_gib)"),
+        (["--alphas", "0.1", "--gpus", "0,1,2", "--tensor-parallel-size", "2"], "do not split into engines"),
+        (["--search", "0.1,0.5", "--gpus", "0,1"], "a search is sequential"),
+        (["--search", "0.1,0.5", "--generate-only"], "generate_only needs a grid"),
+    ],
+)
+def test_bad_values_are_usage_errors_naming_the_flag(recipe, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["sweep", str(recipe), "--out", str(tmp_path / "o"),
+                                       "--reward-model", "rewards:word_count", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_gpu_groups_and_round_robin_shards():
+    assert gpu_groups(["0", "1", "2", "3"], 2) == [["0", "1"], ["2", "3"]]
+    assert shard_alphas([0.0, 0.1, 0.2, 0.3, None], 2) == [[0.0, 0.2, None], [0.1, 0.3]]
+    assert shard_alphas([0.1], 4) == [[0.1]]
+    with pytest.raises(ValueError):
+        gpu_groups(["0", "1", "2"], 2)
+
+
+def test_shard_configs_carry_the_sft_model_as_include_sft(recipe, tmp_path):
+    config = SweepConfig(recipe=recipe, out=tmp_path, alphas=[0.5, 1.0], include_sft=True,
+                         reward_models=["rewards:word_count"], gpus=["0", "1"])
+    shards = shard_configs(config, [None, 0.0, 0.5, 1.0])
+    assert [(group, s.alphas, s.include_sft, s.generate_only, s.gpus) for group, s in shards] == [
+        (["0"], [0.5], True, True, None),
+        (["1"], [0.0, 1.0], False, True, None),
+    ]
+
+
+def test_sharded_sweep_equals_one_process(recipe, reward_model, tmp_path, monkeypatch):
+    """--gpus runs one generate-only process per GPU over a share of the grid; the calling
+    sweep finds every generation in the cache and scores: the same results as one process."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path.parent))
+    common = ["--alphas", "0.5,2", "--include-sft", "--prompts", "smoke", "--limit", 4, "--max-new-tokens", 6,
+              "--reward-model", reward_model, "--device", "cpu"]
+    run_cli("mergekit-expo", "sweep", recipe, "--out", tmp_path / "one", *common)
+    sharded = run_cli("mergekit-expo", "sweep", recipe, "--out", tmp_path / "two", "--gpus", "0,1", *common)
+    assert "Nothing generated: all" in sharded.stdout  # the shards generated everything
+    shard_logs = sorted((tmp_path / "two" / "shards").glob("shard-*.yaml"))
+    assert len(shard_logs) == 2
+    assert [yaml.safe_load(p.read_text())["alphas"] for p in shard_logs] == [[0.0, 2.0], [0.5]]
+
+    def candidates(out):
+        document = json.loads((out / "results.json").read_text())
+        return document["chosen_alpha"], [
+            (c["label"], c["split"], c["scores"], c["mean_tokens"]) for c in document["candidates"]
+        ]
+
+    assert candidates(tmp_path / "one") == candidates(tmp_path / "two")
+
+
+class Recorder:
+    """A backend stand-in that records the order of events."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def load_candidate(self, alpha):
+        self.events.append(("load", alpha))
+
+    def generate(self, prompts, sampling):
+        from expo_eval.backends import Completion
+
+        self.events.append(("generate",))
+        return [Completion(text="good dog", tokens=3, finish_reason="stop") for _ in prompts]
+
+    def close(self):
+        self.events.append(("close",))
+
+
+class RecordingScorer:
+    name = "rewards:word_count"
+
+    def __init__(self, events):
+        self.events = events
+
+    def score(self, prompts, responses):
+        self.events.append(("score",))
+        return [float(len(r.split())) for r in responses]
+
+
+def test_grid_generates_everything_then_releases_the_engine_then_scores(recipe, tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr("expo_eval.backends.make_backend", lambda *a, **k: Recorder(events))
+    config = SweepConfig(recipe=recipe, out=tmp_path / "o", alphas=[0.5, 1.0], prompts="smoke", limit=4,
+                         reward_models=["rewards:word_count"])
+    Sweep(config, scorers=[RecordingScorer(events)]).run()
+    first_score = events.index(("score",))
+    assert ("close",) in events[:first_score]
+    assert [e for e in events[:first_score] if e[0] == "load"] == [("load", 0.0), ("load", 0.5), ("load", 1.0)]
+    assert events[-1] == ("close",) or ("close",) in events[first_score:]
+
+
+def test_generate_only_scores_nothing_and_a_later_run_reuses_it(recipe, tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr("expo_eval.backends.make_backend", lambda *a, **k: Recorder(events))
+    base = dict(recipe=recipe, out=tmp_path / "o", alphas=[0.0, 0.5], prompts="smoke", limit=4,
+                reward_models=["rewards:word_count"])
+    outcome = Sweep(SweepConfig(**base, generate_only=True), scorers=[RecordingScorer(events)]).run()
+    assert outcome.chosen is None and ("score",) not in events
+    assert outcome.generated == 3  # both alphas on the select prompts, alpha 0 on the report prompts
+    assert not (tmp_path / "o" / "results.json").exists()
+    events.clear()
+    outcome = Sweep(SweepConfig(**base), scorers=[RecordingScorer(events)]).run()
+    assert outcome.reused == 3 and outcome.generated <= 1  # at most the chosen alpha's report prompts
+    assert outcome.chosen is not None and (tmp_path / "o" / "results.json").exists()
