@@ -76,15 +76,22 @@ def build(work: Path, size_gb: float) -> Dict:
     return info
 
 
-def read_once(paths: Dict[str, str]) -> float:
-    """Seconds to read every input file once (through the page cache, as the sweep does)."""
-    started = time.perf_counter()
-    for path in paths.values():
-        for name in sorted(os.listdir(path)):
-            with open(os.path.join(path, name), "rb") as handle:
-                while handle.read(1 << 24):
-                    pass
-    return time.perf_counter() - started
+def read_once(paths: Dict[str, str]) -> Dict[str, float]:
+    """Wall and CPU seconds to read every input file once, from disk (page cache dropped,
+    where allowed) and again from the page cache."""
+    result = {}
+    for state in ("cold", "warm"):
+        if state == "cold" and not _drop_page_cache():
+            continue
+        started, cpu = time.perf_counter(), time.process_time()
+        for path in paths.values():
+            for name in sorted(os.listdir(path)):
+                with open(os.path.join(path, name), "rb") as handle:
+                    while handle.read(1 << 24):
+                        pass
+        result[state] = time.perf_counter() - started
+        result[state + "_cpu"] = time.process_time() - cpu
+    return result
 
 
 # --------------------------------------------------------------------------- sampling
@@ -188,13 +195,23 @@ def child(args) -> None:
     )
     started = time.perf_counter()
     sweep = Sweep(config)
-    sweep.backend  # the model (or engine) before any candidate: what "ready" means below
+    backend = sweep.backend  # the model (or engine) before any candidate: what "ready" means below
+    switch_cpu = []
+    load = backend.load_candidate
+
+    def timed_load(alpha):  # CPU time of this process (all its threads): steadier than wall time here
+        before = time.process_time()
+        load(alpha)
+        switch_cpu.append(time.process_time() - before)
+
+    backend.load_candidate = timed_load
     print("READY", time.time(), flush=True)
     outcome = sweep.run()
     timing = {
         "wall_s": time.perf_counter() - started,
         "startup_s": sweep.startup_seconds,
         "switch_s": [r.timing["load_s"] for r in outcome.results if r.timing.get("load_s")],
+        "switch_cpu_s": switch_cpu,
         "generate_s": [r.timing["generate_s"] for r in outcome.results],
     }
     print("RESULT", json.dumps(timing), flush=True)
@@ -235,6 +252,20 @@ def run(run_name: str, info: Dict, work: Path, python: str, cgroup: Optional[Pat
         "root": process.pid,
         "log": str(log_path),
     }
+
+
+def _drop_page_cache() -> bool:
+    """Drop clean page-cache pages (root only); False where not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        return True
+    except OSError:
+        return False
+
+
+def _mean(values: List[float]) -> float:
+    return sum(values) / max(len(values), 1)
 
 
 def limited_cgroup(limit_bytes: int) -> Optional[Path]:
@@ -278,9 +309,10 @@ def main() -> None:
     info = build(work, args.size_gb)
     model = info["bytes"]
     read_s = read_once(info["paths"])
-    print(f"model: {model / 2**30:.2f} GiB bf16 ({info['params'] / 1e6:.0f}M parameters, "
+    print(f"model: {model / 2**30:.2f} GiB bf16 = {model / 1e9:.2f} GB ({info['params'] / 1e6:.0f}M parameters, "
           f"hidden {info['hidden']}, {info['layers']} layers, vocab {info['vocab']}); "
-          f"reading theta0 + theta1 once: {read_s:.2f} s (page cache warm)")
+          "reading theta0 + theta1 once: "
+          + ", ".join(f"{state} {read_s[state]:.2f} s wall ({read_s[state + '_cpu']:.2f} s CPU)" for state in ("cold", "warm") if state in read_s))
     rows, results = [], {}
     for name in args.runs.split(","):
         cgroup = None
@@ -293,8 +325,15 @@ def main() -> None:
         if name == "vllm-tp2" and not python:
             print("(vllm-tp2 skipped: give --vllm-python)")
             continue
+        if cgroup is not None:
+            _drop_page_cache()  # pages are charged to the cgroup that reads them first
         try:
             results[name] = result = run(name, info, work, python, cgroup)
+            if cgroup is not None:
+                peak = int((cgroup / "memory.max_usage_in_bytes").read_text())
+                failures = int((cgroup / "memory.failcnt").read_text())
+                print(f"limited: the cgroup's peak usage {peak / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB "
+                      f"(page cache included), limit hit {failures} times")
         finally:
             if cgroup is not None:
                 cgroup.rmdir()
@@ -316,19 +355,21 @@ def main() -> None:
                 f"{(anon * 1024 - base) / model:.2f}",
                 f"{(anon - ready_anon) / 1024:,.0f}",
                 f"{rss / 1024:,.0f}",
-                f"{sum(switch) / max(len(switch), 1):.2f}" if is_root else "",
+                f"{_mean(switch):.2f} / {_mean(timing['switch_cpu_s']):.2f}" if is_root else "",
                 f"{timing['wall_s']:.1f}" if is_root else "",
             ])
     print()
     print(table(
-        ["run", "process", "peak anon - idle (MiB)", "/ model", "swaps add (MiB)", "peak RSS (MiB)", "switch s/alpha", "sweep s"],
+        ["run", "process", "peak anon - idle (MiB)", "/ model", "swaps add (MiB)", "peak RSS (MiB)", "switch s/alpha (wall / CPU)", "sweep s"],
         rows,
     ))
     if "chunked" in results and "materialize" in results:
-        fast = results["chunked"]["timing"]["switch_s"]
-        slow = results["materialize"]["timing"]["switch_s"]
-        print(f"\nswitching: materialize / in place = {(sum(slow) / len(slow)) / (sum(fast) / len(fast)):.1f}x; "
-              f"in place per alpha {sum(fast) / len(fast):.2f} s vs reading the inputs once {read_s:.2f} s")
+        fast, slow = (results[r]["timing"]["switch_cpu_s"] for r in ("chunked", "materialize"))
+        print(f"\nswitching, CPU time per alpha: materialize / in place = {_mean(slow) / _mean(fast):.1f}x")
+    if "chunked" in results:
+        fast = results["chunked"]["timing"]["switch_cpu_s"]
+        reads = ", ".join(f"{state} {read_s[state]:.2f} s" for state in ("cold", "warm") if state in read_s)
+        print(f"in place per alpha {_mean(fast):.2f} s CPU vs reading the inputs once: {reads}")
     if "chunked" in results:
         chunked = results["chunked"]
         peak = max(p[0] for p in (chunked["ready"][chunked["root"]], chunked["swaps"][chunked["root"]]))

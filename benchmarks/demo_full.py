@@ -25,7 +25,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=600.0, help="wall time the stages should fit in")
     args = parser.parse_args()
 
-    from expo_eval.demo.pipeline import FULL, GROUND_TRUTH, Layout, run_demo
+    from expo_eval.demo.pipeline import FULL, GROUND_TRUTH, Layout, load_summaries, run_demo
     from expo_eval.demo.report import build, print_summary
 
     settings = FULL.model_copy(update={"seed": args.seed})
@@ -35,7 +35,7 @@ def main() -> int:
     print_summary(summary)
 
     layout = Layout(args.out)
-    checkpoints, sft, _ = build(layout, settings)
+    checkpoints, sft, _ = build(layout, load_summaries(layout, settings))
     stage_wall = sum(t["wall_s"] for t in summary["timings"].values())
     stage_cpu = sum(t["cpu_s"] for t in summary["timings"].values())
     least, full = checkpoints[0], checkpoints[-1]

@@ -1,11 +1,13 @@
 """ExPO (model extrapolation) as a mergekit merge method.
 
-Importing this package registers `expo` with mergekit; installing it does the
-same for every Python process through a start-up hook (see registration.py).
+Importing this package registers `expo` with mergekit and routes `expo` merges
+through this package's run; installing it does the same for every Python
+process through a start-up hook (see registration.py).
 """
 
 from mergekit_expo.method import decompose, expo_merge, extrapolate
 from mergekit_expo.registration import install, register
+from mergekit_expo.rules import check_alpha, require_base_model
 
 try:
     import _mergekit_expo_startup  # noqa: F401  (installed beside the package)
@@ -14,4 +16,4 @@ except ImportError:
 
 install()
 
-__all__ = ["decompose", "expo_merge", "extrapolate", "register"]
+__all__ = ["check_alpha", "decompose", "expo_merge", "extrapolate", "register", "require_base_model"]

@@ -7,11 +7,10 @@ looks like `owner/name`; the Hub is never asked.
 from typing import List, Optional
 
 import yaml
-from mergekit.card import CARD_TEMPLATE
 from mergekit.config import MergeConfiguration
-from mergekit.common import ModelReference
 
 from mergekit_expo import advice, stats
+from mergekit_expo.compat import CARD_TEMPLATE, ModelReference
 from mergekit_expo.checks import is_hub_id
 from mergekit_expo.method import PAPER_URL
 
@@ -54,12 +53,15 @@ def model_md(model: ModelReference) -> str:
 
 
 def expo_card(
-    config: MergeConfiguration, config_yaml: str, name: Optional[str] = None
+    config: MergeConfiguration,
+    config_yaml: str,
+    name: Optional[str] = None,
+    summary: Optional[stats.Summary] = None,
 ) -> str:
+    """mergekit's card for `config`, plus the ExPO section (with the run's statistics)."""
     theta0 = config.base_model
     aligned = [m for m in _ordered_models(config) if m != theta0]
     hub_ids = [m.model.path for m in [theta0, *aligned] if is_hub_id(m.model.path)]
-    summary = stats.summarize(stats.records())
     section = EXPO_SECTION.format(
         url=PAPER_URL,
         plural="s" if len(aligned) > 1 else "",

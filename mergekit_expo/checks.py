@@ -13,7 +13,7 @@ import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # mergekit.common imports peft: seconds that `inspect` does not need
-    from mergekit.common import ModelReference
+    from mergekit_expo.compat import ModelReference
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -57,6 +57,24 @@ def check_model_files(model: "ModelReference", cache_dir=None) -> None:
 
 
 def check_folder(folder: str) -> None:
-    """Check every safetensors file in a local model folder."""
+    """Check every safetensors file in a local model folder, and every shard its index names."""
+    for index in sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json"))):
+        check_index(index)
     for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         check_safetensors(path)
+
+
+def check_index(path: str) -> None:
+    """Raise ValueError naming the index and the shard when a shard it names is missing."""
+    try:
+        with open(path) as handle:
+            shards = set(json.load(handle)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: unreadable safetensors index ({error})") from None
+    folder = os.path.dirname(path)
+    missing = sorted(s for s in shards if not os.path.isfile(os.path.join(folder, s)))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(
+            f"{path} names the shard {missing[0]}{more}, missing from {folder}"
+        )

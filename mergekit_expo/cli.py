@@ -51,8 +51,13 @@ def inspect_pair_command(sft, aligned, alphas, dtypes, json_path, plot_path) -> 
     from mergekit_expo.plot import PlotUnavailable, plot_layers, require_matplotlib
     from mergekit_expo.report import print_report
 
-    if any(alpha <= -1 for alpha in alphas):
-        raise click.BadParameter("alpha must be greater than -1", param_hint="--alpha")
+    from mergekit_expo.rules import check_alpha
+
+    for alpha in alphas:
+        try:
+            check_alpha(alpha)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--alpha") from None
     try:
         if plot_path:
             require_matplotlib()  # fail before the long part

@@ -4,54 +4,70 @@ Model extrapolation (ExPO, Zheng et al., arXiv 2404.16792): theta0 is the SFT
 checkpoint (`base_model`), theta1 an aligned checkpoint (DPO, RLHF, ...). With
 several aligned models, delta is their weighted mean change from theta0 and
 theta2 = theta0 + (1 + alpha) * delta.
+
+The kernel is a pure function of its inputs, its parameters and the output dtype
+mergekit passes to `_execute` (the public API's `out_dtype`, or the graph task's).
+It reads no module state; statistics observers (`stats.observing`) only watch.
 """
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, Optional, Sequence, Tuple
 
 import torch
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
-from mergekit.merge_methods.base import (
+from mergekit.merge_methods import (
     BasePolicy,
+    GroupMergeMethod,
     InputContract,
+    MergeMethodSpec,
     OptionalTensorPolicy,
     PerNonBase,
     TensorGroup,
+    merge_method,
 )
-from mergekit.merge_methods.easy_define import merge_method
-from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
+from mergekit_expo import stats
+from mergekit_expo.extrapolation import compute_dtype, extrapolate
 from mergekit_expo.rounding import RoundingMode, stochastic_round_, tensor_seed
+from mergekit_expo.rules import check_alpha, check_density
 
 PAPER_URL = "https://arxiv.org/abs/2404.16792"
 
-
-def _check_density(density: float) -> float:
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1] (got {density})")
-    return density
+Alpha = Annotated[float, AfterValidator(check_alpha)]
+Density = Annotated[float, AfterValidator(check_density)]
 
 
-def _check_alpha(alpha: float) -> float:
-    if not math.isfinite(alpha) or alpha <= -1:
-        raise ValueError(
-            f"alpha must be a finite number greater than -1 (got {alpha}): "
-            "alpha <= -1 moves past the SFT model theta0"
-        )
-    return alpha
+class NonFiniteError(ValueError):
+    """NaN or Inf in an input tensor, or a result its output dtype cannot hold."""
 
 
-Alpha = Annotated[float, AfterValidator(_check_alpha)]
-Density = Annotated[float, AfterValidator(_check_density)]
+@merge_method(
+    name="expo",
+    pretty_name="ExPO (model extrapolation)",
+    reference_url=PAPER_URL,
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+    optional_tensor_policy=OptionalTensorPolicy.ERROR,
+)
+def _parameters(
+    group: TensorGroup,
+    alpha: Alpha,
+    weight: PerNonBase[float] = 1.0,
+    density: PerNonBase[Density] = 1.0,
+    sparsification: Literal["magnitude", "random"] = "magnitude",
+    rescale: bool = True,
+    rounding: RoundingMode = "nearest",
+    rounding_seed: int = 0,
+) -> torch.Tensor:
+    """The parameters `expo` takes, declared through mergekit's own decorator.
 
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32: one rounding at the end."""
-    if any(t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
+    Only its spec is used: the kernel is `ExpoMerge.merge_group`, which also
+    receives the output dtype.
+    """
+    raise NotImplementedError
 
 
 def decompose(
@@ -80,11 +96,15 @@ def decompose(
     def prune(change: torch.Tensor, kept: float) -> torch.Tensor:
         if kept >= 1:
             return change
-        return sparsify(
+        # compat names mergekit internals; it loads only once mergekit has, and
+        # this module loads while mergekit is still importing (registration).
+        from mergekit_expo import compat
+
+        return compat.sparsify(
             change,
             density=kept,
-            method=SparsificationMethod(sparsification),
-            rescale_norm=RescaleNorm.l1 if rescale else None,
+            method=compat.SparsificationMethod(sparsification),
+            rescale_norm=compat.RescaleNorm.l1 if rescale else None,
         )
 
     if len(theta1s) == 1:
@@ -103,58 +123,112 @@ def decompose(
     return theta1, mean_change if pruned is None else pruned
 
 
-def extrapolate(
-    theta1: torch.Tensor,
-    delta: torch.Tensor,
-    alpha: float,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """theta1 + alpha * delta: alpha = 0 and zero-delta elements keep theta1 bitwise."""
-    return torch.add(theta1, delta, alpha=alpha, out=out)
+@dataclass(frozen=True)
+class ExpoMerge(GroupMergeMethod):
+    """`expo` as a group method whose kernel sees mergekit's `out_dtype`."""
+
+    @cached_property
+    def spec(self) -> MergeMethodSpec:
+        return _parameters.spec
+
+    def _execute(self, groups, parameters, options, *, input_dtypes, out_dtype=None):
+        # mergekit hands the output dtype to `_execute` only; give it to each group.
+        parameters = [{**bound, "out_dtype": out_dtype} for bound in parameters]
+        return super()._execute(
+            groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype
+        )
+
+    def merge_group(
+        self,
+        group: TensorGroup,
+        /,
+        *,
+        alpha: float,
+        weight,
+        density,
+        sparsification: str,
+        rescale: bool,
+        rounding: str,
+        rounding_seed: int,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        """theta2, already in `out_dtype` when one is given, else in the compute dtype.
+
+        With `rounding: stochastic` and an output dtype, theta2 is rounded onto
+        that dtype's grid without bias (seeded per tensor by name); otherwise it is
+        rounded to nearest once, by the cast.
+        """
+        entries = group.non_base
+        theta0 = group.base.tensor
+        theta1s = [entry.tensor for entry in entries]
+        theta1, delta = decompose(
+            theta0,
+            theta1s,
+            [weight[entry.id] for entry in entries],
+            density=[density[entry.id] for entry in entries],
+            sparsification=sparsification,
+            rescale=rescale,
+        )
+        name = group.metadata.name
+        dtype = out_dtype or compute_dtype(theta0, *theta1s)
+        sparse = any(density[entry.id] < 1 for entry in entries)
+        if rounding == "stochastic" and out_dtype is not None:
+            theta2 = extrapolate(theta1, delta, alpha)
+            _check_finite(group, theta2, dtype, alpha, check_inputs=sparse)
+            stochastic_round_(theta2, out_dtype, tensor_seed(rounding_seed, name))
+            stats.observe(name, alpha, theta0, theta1, delta, dtype, theta2=theta2)
+        else:
+            stats.observe(name, alpha, theta0, theta1, delta, dtype)
+            owned = all(theta1 is not tensor for tensor in theta1s)
+            theta2 = extrapolate(theta1, delta, alpha, out=theta1 if owned else None)
+            _check_finite(group, theta2, dtype, alpha, check_inputs=sparse)
+        return theta2 if out_dtype is None else theta2.to(out_dtype)
 
 
-@merge_method(
-    name="expo",
-    pretty_name="ExPO (model extrapolation)",
-    reference_url=PAPER_URL,
-    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
-    optional_tensor_policy=OptionalTensorPolicy.ERROR,
-)
-def expo_merge(
-    group: TensorGroup,
-    alpha: Alpha,
-    weight: PerNonBase[float] = 1.0,
-    density: PerNonBase[Density] = 1.0,
-    sparsification: Literal["magnitude", "random"] = "magnitude",
-    rescale: bool = True,
-    rounding: RoundingMode = "nearest",
-    rounding_seed: int = 0,
-) -> torch.Tensor:
-    """Return theta2 in the compute dtype; the writer rounds it once to `out_dtype`.
+def _check_finite(
+    group: TensorGroup, theta2: torch.Tensor, dtype: torch.dtype, alpha: float, check_inputs: bool
+) -> None:
+    """Raise NonFiniteError naming the tensor (and model) unless `dtype` holds theta2.
 
-    With `rounding: stochastic` theta2 is already on the output dtype's grid
-    (unbiased, seeded per tensor by name), so the writer's cast is exact.
+    Every input element reaches theta2 with a nonzero factor unless sparsification
+    pruned it, so a finite theta2 proves finite inputs; inputs are read only when
+    theta2 is not finite or some delta was sparsified.
     """
-    from mergekit_expo import stats  # stats measures with this module's math
+    name = group.metadata.name or "tensor"
+    if theta2.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(theta2))
+    limit = _overflow_bound(dtype)
+    ok = -limit < low and high < limit  # False for NaN too
+    if ok and not check_inputs:
+        return
+    for entry in (group.base, *group.non_base):
+        bad = entry.tensor.numel() - int(torch.isfinite(entry.tensor).sum())
+        if bad:
+            role = "theta0, the SFT model" if entry.is_base else "theta1, an aligned model"
+            raise NonFiniteError(
+                f"{name}: {bad} NaN or Inf value(s) in {entry.id} ({role}); "
+                "expo needs finite weights"
+            )
+    if not ok:
+        largest = max(abs(low), abs(high))
+        raise NonFiniteError(
+            f"{name}: theta2 overflows {str(dtype).removeprefix('torch.')} at alpha {alpha:g} "
+            f"(largest |value| {largest:.4g}; {str(dtype).removeprefix('torch.')} holds up to "
+            f"{torch.finfo(dtype).max:.4g}): use a smaller alpha or a wider out_dtype"
+        )
 
-    entries = group.non_base
-    theta0 = group.base.tensor
-    theta1s = [entry.tensor for entry in entries]
-    theta1, delta = decompose(
-        theta0,
-        theta1s,
-        [weight[entry.id] for entry in entries],
-        density=[density[entry.id] for entry in entries],
-        sparsification=sparsification,
-        rescale=rescale,
-    )
-    name = group.metadata.name
-    theta2 = None
-    if rounding == "stochastic" and stats.output_dtype() is not None:
-        seed = tensor_seed(rounding_seed, name)
-        theta2 = stochastic_round_(extrapolate(theta1, delta, alpha), stats.output_dtype(), seed)
-    stats.record(name, alpha, theta0, theta1, delta, theta2)
-    if theta2 is None:
-        owned = all(theta1 is not tensor for tensor in theta1s)
-        theta2 = extrapolate(theta1, delta, alpha, out=theta1 if owned else None)
-    return theta2
+
+def _overflow_bound(dtype: torch.dtype) -> float:
+    """The magnitude from which round-to-nearest into `dtype` gives infinity.
+
+    max = (2 - eps) * 2**emax and its ulp is eps * 2**emax: values from max plus
+    half that ulp round to infinity (the tie goes to the even neighbour, inf).
+    """
+    if dtype == torch.float64:
+        return math.inf
+    info = torch.finfo(dtype)
+    return info.max + info.eps * info.max / (2 - info.eps) / 2
+
+
+expo_merge = ExpoMerge()

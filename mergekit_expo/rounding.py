@@ -1,7 +1,8 @@
 """How theta2 lands on the output dtype's grid: nearest (the writer's cast) or stochastic.
 
 Round-to-nearest drops alpha * delta wherever it is below half an ulp of the output
-dtype, which in bf16 is most elements of a DPO-sized change (DESIGN.md section 5).
+dtype, which in bf16 is most elements of a DPO-sized change (its RMS is about 6e-6
+against weights of about 1e-2 with an ulp of about 1e-4).
 Unbiased stochastic rounding goes up with probability (x - lower) / (upper - lower),
 so every element keeps theta1 + alpha * delta in expectation.
 """

@@ -4,20 +4,21 @@
 Table 1 quantities and the rounding loss of the output dtype follow for any group of
 tensors: per module kind, per layer, in total.
 
-mergekit gives a kernel no end-of-merge callback, so during a merge the kernel's
-records go to a process-wide ledger that `run_merge` (wrapped in registration.py)
-resets with the output dtype and reads at the end.
+During a merge the kernel reports each tensor to the observers attached with
+`observing()` (one per merge run); it never reads anything back, and with no
+observer attached nothing is measured.
 """
 
 import math
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mergekit_expo.method import compute_dtype, extrapolate
+from mergekit_expo.extrapolation import compute_dtype, extrapolate
 
 CHUNK = 1 << 18  # elements per step: amortizes per-operation overhead, stays in cache
 
@@ -319,49 +320,68 @@ def summarize(entries: List[TensorRecord]) -> Optional[Summary]:
     )
 
 
-# --------------------------------------------------------------------------- ledger
-
-_lock = threading.Lock()
-_records: List[TensorRecord] = []
-_output_dtype: Optional[torch.dtype] = None
-_collect = True
+# ------------------------------------------------------------------------ observers
 
 
-def reset(output_dtype: Union[str, torch.dtype, None] = None, collect: bool = True) -> None:
-    """Start a merge's ledger; `output_dtype` is what the writer casts results to.
+class Collector:
+    """The records of one merge run, in the order the tensors were merged."""
 
-    collect=False skips the statistics (a sweep rebuilding candidates needs none).
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._records: List[TensorRecord] = []
+
+    def add(self, entry: TensorRecord) -> None:
+        with self._lock:
+            self._records.append(entry)
+
+    def records(self) -> List[TensorRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def summary(self) -> Optional[Summary]:
+        return summarize(self.records())
+
+
+_observers_lock = threading.Lock()
+_observers: List[Collector] = []
+
+
+@contextmanager
+def observing() -> Iterator[Collector]:
+    """Collect the statistics of every `expo` tensor merged while the block runs.
+
+    Attached process-wide (mergekit may merge on worker threads), detached on
+    exit. The kernel's results never depend on it.
     """
-    global _output_dtype, _collect
-    with _lock:
-        _records.clear()
-        _output_dtype = getattr(torch, dtype_name(output_dtype)) if output_dtype else None
-        _collect = collect
+    collector = Collector()
+    with _observers_lock:
+        _observers.append(collector)
+    try:
+        yield collector
+    finally:
+        with _observers_lock:
+            _observers.remove(collector)
 
 
-def output_dtype() -> Optional[torch.dtype]:
-    """The merge's output dtype; None when the writer keeps the kernel's dtype."""
-    return _output_dtype
-
-
-def record(
+def observe(
     name: str,
     alpha: float,
     theta0: torch.Tensor,
     theta1: torch.Tensor,
     delta: torch.Tensor,
+    dtype: torch.dtype,
     theta2: Optional[torch.Tensor] = None,
 ) -> None:
-    """Measure one merged tensor for the end-of-merge summary and the model card."""
-    if not _collect:
+    """Measure one merged tensor for the observers attached, if any.
+
+    theta2 is the result when it is not the round-to-nearest cast of
+    theta1 + alpha * delta to `dtype` (stochastic rounding).
+    """
+    with _observers_lock:
+        observers = list(_observers)
+    if not observers:
         return
-    dtype = _output_dtype or compute_dtype(theta0, theta1)
     change = measure(theta0, theta1, [alpha], [dtype], delta=delta, theta2=theta2)
     entry = TensorRecord(name, tuple(theta0.shape), alpha, change)
-    with _lock:
-        _records.append(entry)
-
-
-def records() -> List[TensorRecord]:
-    with _lock:
-        return list(_records)
+    for collector in observers:
+        collector.add(entry)

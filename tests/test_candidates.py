@@ -171,7 +171,7 @@ def test_chunked_candidates_equal_mergekit_yaml_bitwise(filtered_recipe, small_c
 def test_inputs_stay_as_stored(filtered_recipe):
     """A float32 recipe dtype does not hold float32 copies of both bf16 models for the sweep."""
     candidates = Candidates(load_recipe(yaml.safe_dump(dict(filtered_recipe, dtype="float32"))))
-    dtypes = {t.dtype for _, _, tensors in candidates._tasks for t in tensors.values()}
+    dtypes = {t.dtype for _, _, tensors, _ in candidates._tasks for t in tensors.values()}
     assert dtypes == {torch.bfloat16}
     assert candidates.dtype == torch.float32
 

@@ -94,9 +94,10 @@ def test_identical_models_warn(family):
     assert [a.code for a in report.alerts] == ["identical"]
 
 
-def test_merge_ledger_matches_inspect(family, tmp_path):
-    merge(expo_recipe(family, alpha=0.3, dtype="float16"), tmp_path)
-    merged = stats.summarize(stats.records()).total
+def test_merge_statistics_match_inspect(family, tmp_path):
+    with stats.observing() as collector:
+        merge(expo_recipe(family, alpha=0.3, dtype="float16"), tmp_path)
+    merged = collector.summary().total
     inspected = inspect_pair(str(family["sft"]), str(family["dpo"]), [0.3], ["float16"]).summary.total
     assert merged.numel == inspected.numel and merged.changed == inspected.changed
     assert merged.delta_sq == pytest.approx(inspected.delta_sq, rel=1e-5)  # float32 dots
@@ -169,7 +170,8 @@ def test_cli_missing_tensor_and_damaged_file(family, tmp_path):
     assert_cli_fails(family["sft"], broken, f"{weights}: truncated")
 
 
-def test_bad_alpha_is_rejected(family):
-    result = run_cli("mergekit-expo", "inspect", family["sft"], family["dpo"], "--alpha", "-1", check=False)
-    assert result.returncode != 0 and "alpha must be greater than -1" in result.stderr
+@pytest.mark.parametrize("alpha", ["-1", "nan", "inf"])
+def test_bad_alpha_is_rejected(family, alpha):
+    result = run_cli("mergekit-expo", "inspect", family["sft"], family["dpo"], "--alpha", alpha, check=False)
+    assert result.returncode != 0 and "alpha must be a finite number greater than -1" in result.stderr
 

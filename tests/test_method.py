@@ -130,6 +130,7 @@ def test_sparsification_prunes_the_extrapolation_not_the_alignment():
     "parameters, message",
     [
         ({"alpha": float("nan")}, "alpha must be a finite number"),
+        ({"alpha": float("inf")}, "alpha must be a finite number"),
         ({"alpha": -1.0}, "greater than -1"),
         ({"alpha": -3}, "greater than -1"),
         ({}, "Missing required parameter alpha"),
@@ -147,3 +148,77 @@ def test_base_model_is_required():
     group = TensorGroup.from_tensors([theta0, theta1], name="w")
     with pytest.raises(ValueError, match="base"):
         get("expo")((group,), parameters={"alpha": 0.3})
+
+
+# ------------------------------------------------------------------ output dtype from mergekit's call
+
+
+def reference_stochastic_bounds(theta0, theta1, alpha, dtype):
+    """Each element's two neighbours in `dtype` around the float64 theta2."""
+    exact = theta1.double() + alpha * (theta1.double() - theta0.double())
+    near = exact.to(dtype).double()
+    other = torch.where(near > exact, -torch.inf, torch.inf).to(dtype)
+    other = torch.nextafter(near.to(dtype), other).double()
+    return exact, torch.minimum(near, other), torch.maximum(near, other)
+
+
+def kept_along_delta(out, theta0, theta1, alpha):
+    delta = theta1.double() - theta0.double()
+    return float(((out.double() - theta1.double()) * delta).sum() / (alpha * (delta * delta).sum()))
+
+
+def test_public_api_takes_out_dtype_from_the_call_whatever_ran_before(family, tmp_path):
+    """Stochastic and nearest rounding, several output dtypes, before and after a bf16 run_merge."""
+    from conftest import expo_recipe, merge
+
+    theta0, theta1 = dpo_like_pair(1 << 18)
+    group = TensorGroup.from_tensors([theta0, theta1], base_index=0, name="w")
+    exact64 = theta1.double() + 0.3 * (theta1.double() - theta0.double())
+
+    def call(rounding, out_dtype):
+        (out,) = get("expo")((group,), parameters={"alpha": 0.3, "rounding": rounding}, out_dtype=out_dtype)
+        return out
+
+    def check_all():
+        results = {}
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, None):
+            nearest = call("nearest", dtype)
+            assert nearest.dtype == (dtype or torch.float32)
+            if dtype in (torch.bfloat16, torch.float16):
+                assert misrounded_share(nearest, exact64) <= 1e-6, dtype
+            else:  # float32 math, as in test_merge
+                torch.testing.assert_close(nearest.double(), exact64, rtol=3e-7, atol=1e-9)
+            stochastic = call("stochastic", dtype)
+            assert stochastic.dtype == (dtype or torch.float32)
+            if dtype in (torch.bfloat16, torch.float16):
+                _, low, high = reference_stochastic_bounds(theta0, theta1, 0.3, dtype)
+                assert ((stochastic.double() == low) | (stochastic.double() == high)).all()
+                assert kept_along_delta(stochastic, theta0, theta1, 0.3) == pytest.approx(1.0, abs=0.03)
+            else:  # float32 holds theta2: nothing to round stochastically
+                assert torch.equal(stochastic, nearest)
+            results[dtype] = (nearest, stochastic)
+        assert kept_along_delta(results[torch.bfloat16][0], theta0, theta1, 0.3) < 0.8
+        return results
+
+    before = check_all()
+    recipe = expo_recipe(family, alpha=0.3)
+    recipe["parameters"]["rounding"] = "stochastic"
+    merge(recipe, tmp_path, "bf16")  # a bf16 run_merge in the same process
+    after = check_all()
+    for dtype, pair in before.items():
+        assert all(torch.equal(a, b) for a, b in zip(pair, after[dtype])), dtype
+
+
+def test_public_api_unknown_parameter_and_non_finite_input():
+    from mergekit_expo.method import NonFiniteError
+
+    theta0, theta1 = dpo_like_pair(64)
+    with pytest.raises(TypeError, match="Unknown parameter.*alpah"):
+        expo([theta0, theta1], alpah=0.3)
+    theta1 = theta1.clone()
+    theta1[5] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"w: 1 NaN or Inf value\(s\) in 1 \(theta1"):
+        expo([theta0, theta1], alpha=0.3)
+    with pytest.raises(NonFiniteError, match="overflows float16"):
+        get("expo")((TensorGroup.from_tensors([theta0, theta0 + 1], base_index=0, name="w"),),
+                    parameters={"alpha": 1e6}, out_dtype=torch.float16)

@@ -28,17 +28,48 @@ def test_start_up_imports_nothing_heavy():
     assert not heavy
 
 
-def test_every_import_order_registers_once_and_wraps_run_merge():
-    for first in ["mergekit_expo", "mergekit.merge", "mergekit.card", "mergekit.merge_methods.registry"]:
+IMPORT_ORDERS = [
+    "mergekit_expo", "mergekit.merge", "mergekit.card", "mergekit.plan", "mergekit.merge_methods.registry",
+    "mergekit.scripts.run_yaml", "mergekit_expo.compat", "mergekit_expo.run",
+]
+
+
+def test_every_import_order_registers_once_and_routes_run_merge():
+    for first in IMPORT_ORDERS:
         out = python(
             f"import {first}, mergekit_expo, importlib\n"
-            "import mergekit.merge as mm, mergekit.merge_methods as m\n"
+            "import mergekit.merge as mm, mergekit.merge_methods as m, mergekit.plan as p\n"
             "mergekit_expo.register(); mergekit_expo.install()\n"
             "importlib.reload(mergekit_expo)\n"
             "print(sum(x.spec.name == 'expo' for x in m.registered_methods()),"
-            " mm.run_merge.__wrapped_by_expo__)"
+            " mm.run_merge.__expo_routed__, p.MergePlanner.plan_to_disk.__expo_routed__,"
+            " mm.run_merge.__wrapped__.__module__)"
         )
-        assert out == "1 True", first
+        assert out == "1 True True mergekit.merge", first
+
+
+def test_public_method_api_alone_loads_no_mergekit_internals():
+    """`import mergekit.merge_methods` registers expo; compat waits for mergekit.merge."""
+    out = python(
+        "import sys, mergekit.merge_methods as m\n"
+        "print(m.get('expo').spec.name, 'mergekit_expo.compat' in sys.modules)"
+    )
+    assert out == "expo False"
+
+
+def test_compat_names_what_an_incompatible_mergekit_lacks():
+    code = (
+        "import sys, mergekit.card, mergekit.merge\n"
+        "del mergekit.card.CARD_TEMPLATE, mergekit.merge._get_donor_model\n"
+        "sys.modules.pop('mergekit_expo.compat')\n"
+        "try:\n"
+        "    import mergekit_expo.compat\n"
+        "except ImportError as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    out = python(code)
+    assert out.startswith("IncompatibleMergekit")
+    assert "mergekit.card.CARD_TEMPLATE" in out and "mergekit.merge._get_donor_model" in out
 
 
 def test_processes_spawned_by_mergekit_see_expo(tmp_path):

@@ -95,6 +95,7 @@ def test_results_json_schema(report, sweep):
         "chosen_alpha",
         "chosen_label",
         "flags",
+        "timing",
         "candidates",
     }
     assert (document["selector"], document["chosen_alpha"], document["flags"]) == (

@@ -188,11 +188,13 @@ def effective_alpha(family, out):
 
 def test_stochastic_merge_keeps_alpha_in_expectation(dpo_sized, tmp_path):
     recipe = expo_recipe(dpo_sized, alpha=0.3)
-    nearest_alpha = effective_alpha(dpo_sized, load(merge(recipe, tmp_path, "nearest")))
-    nearest_kept = stats.summarize(stats.records()).total.loss("bfloat16").kept_along_delta
+    with stats.observing() as nearest:
+        nearest_alpha = effective_alpha(dpo_sized, load(merge(recipe, tmp_path, "nearest")))
+    nearest_kept = nearest.summary().total.loss("bfloat16").kept_along_delta
     recipe["parameters"].update(rounding="stochastic", rounding_seed=5)
-    out = merge(recipe, tmp_path, "stochastic")
-    kept = stats.summarize(stats.records()).total.loss("bfloat16").kept_along_delta
+    with stats.observing() as stochastic:
+        out = merge(recipe, tmp_path, "stochastic")
+    kept = stochastic.summary().total.loss("bfloat16").kept_along_delta
     assert effective_alpha(dpo_sized, load(out)) == pytest.approx(0.3, rel=0.05)
     assert kept == pytest.approx(1.0, abs=0.05)
     assert nearest_alpha < 0.25 and nearest_kept < 0.8  # what round-to-nearest loses
@@ -211,19 +213,36 @@ def test_stochastic_kernel_output_is_on_the_grid_whatever_the_order():
     aligned = {n: (t.float() + torch.randn(4096, generator=g) * 3e-5).to(torch.bfloat16) for n, t in tensors.items()}
 
     def run(order):
-        stats.reset("bfloat16")
         results = {}
         for name in order:
             group = TensorGroup.from_tensors([tensors[name], aligned[name]], base_index=0, name=name)
-            (results[name],) = get("expo")((group,), parameters={"alpha": 0.3, "rounding": "stochastic"})
+            (results[name],) = get("expo")(
+                (group,), parameters={"alpha": 0.3, "rounding": "stochastic"}, out_dtype=torch.bfloat16
+            )
         return results
 
     first, second = run("ab"), run("ba")
     for name, result in first.items():
-        assert result.dtype == torch.float32
-        assert torch.equal(result.to(torch.bfloat16).float(), result)
+        assert result.dtype == torch.bfloat16
         assert torch.equal(result, second[name])
-    stats.reset()
+
+
+def test_observers_see_only_their_run_and_never_change_results():
+    from mergekit.merge_methods import TensorGroup, get
+
+    theta0, theta1 = one_ulp_pair(1 << 12)
+    group = TensorGroup.from_tensors([theta0, theta1], base_index=0, name="w")
+    call = lambda: get("expo")((group,), parameters={"alpha": 0.3}, out_dtype=torch.bfloat16)[0]
+    unobserved = call()
+    with stats.observing() as first:
+        observed = call()
+        with stats.observing() as second:
+            call()
+    call()
+    assert torch.equal(unobserved, observed)
+    assert [r.name for r in first.records()] == ["w", "w"]
+    assert [r.name for r in second.records()] == ["w"]
+    assert first.records()[0].change.dtypes == ["bfloat16"]
 
 
 # ------------------------------------------------------------------ inside the merge

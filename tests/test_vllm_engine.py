@@ -12,19 +12,18 @@ import torch
 import yaml
 from conftest import expo_recipe, run_cli, write_recipe
 
-pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/test.sh builds .venv-vllm)")
+from expo_eval.backends.vllm import VLLMBackend, engine_options
+from expo_eval.config import EngineConfig, SamplingConfig
+from mergekit_expo.tiny import build_family, build_reward_model, build_tokenizer, tiny_config
+
 pytestmark = pytest.mark.vllm
-
-from expo_eval.backends.vllm import VLLMBackend, engine_options  # noqa: E402
-from expo_eval.config import EngineConfig, SamplingConfig  # noqa: E402
-from mergekit_expo.tiny import build_family, build_reward_model, build_tokenizer, tiny_config  # noqa: E402
-
 ON_GPU = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
 def wide_family(tmp_path_factory):
     """Tiny float32 models with 64-wide attention heads, a size vLLM's CPU attention supports."""
+    pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/test.sh builds .venv-vllm)")
     config = tiny_config(len(build_tokenizer()), hidden_size=256, intermediate_size=512, num_heads=4)
     root = tmp_path_factory.mktemp("wide")
     paths = build_family(str(root / "tiny"), config=config, dtype=torch.float32, scale=0.05)

@@ -11,16 +11,22 @@ at a few chunk-sized buffers instead of float32 copies of whole tensors.
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
-from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit.architecture import get_architecture_info
-from mergekit.common import ImmutableMap
-from mergekit.graph import Executor
-from mergekit.io.tasks import GatherTensors, LoaderCache, SaveTensor
-from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
-from mergekit.plan import MergePlanner
+from mergekit_expo.compat import (
+    Executor,
+    ExecuteMergeMethodTask,
+    GatherTensors,
+    ImmutableMap,
+    LoaderCache,
+    MergePlanner,
+    ModelReference,
+    SaveTensor,
+    dtype_from_name,
+    get_architecture_info,
+    with_output_dtype,
+)
 
 from mergekit_expo.rules import require_base_model
 from mergekit_expo.run import output_dtype
@@ -69,14 +75,21 @@ class Candidates:
         planner = MergePlanner(recipe.model_copy(deep=True), arch_info, options, out_config)
         # plan_in_memory fails in mergekit 0.1.5 (ReturnTensor validates an abstract
         # Task); the to-disk plan holds the same tasks, and its writer never runs.
-        targets = [t for t in planner.plan_to_disk(out_path="") if isinstance(t, SaveTensor)]
+        planned = with_output_dtype(planner.plan_to_disk(out_path=""))
+        targets = [t for t in planned if isinstance(t, SaveTensor)]
         # Load as stored: the recipe's `dtype` cast happens inside the method call
         # (mergekit aligns input dtypes there too), chunk by chunk, instead of holding
         # converted copies of both models for the whole sweep.
         loads = {target.tensor_task.gather_tensors: _as_stored(target.tensor_task.gather_tensors) for target in targets}
         loaded = dict(Executor(list(set(loads.values())), math_device="cpu", storage_device="cpu").run(quiet=True))
-        self._tasks: List[Tuple[str, ExecuteMergeMethodTask, Dict[ModelReference, torch.Tensor]]] = [
-            (target.tensor_name, target.tensor_task, loaded[loads[target.tensor_task.gather_tensors]])
+        # (name, task, inputs, the dtype mergekit's writer stores this tensor in)
+        self._tasks: List[Tuple[str, ExecuteMergeMethodTask, Dict[ModelReference, torch.Tensor], torch.dtype]] = [
+            (
+                target.tensor_name,
+                target.tensor_task,
+                loaded[loads[target.tensor_task.gather_tensors]],
+                dtype_from_name(target.dtype) or self.dtype,
+            )
             for target in targets
         ]
 
@@ -86,7 +99,7 @@ class Candidates:
 
     @property
     def names(self) -> List[str]:
-        return [name for name, _, _ in self._tasks]
+        return [name for name, _, _, _ in self._tasks]
 
     def chunks(self, alpha: Optional[float]) -> Iterator[Tuple[str, torch.Size, Rows, torch.Tensor]]:
         """(name, full shape, rows, values) pieces of the candidate, in the output dtype.
@@ -95,18 +108,18 @@ class Candidates:
         most CHUNK_ELEMENTS; sparsified or stochastically rounded tensors (their
         draws and top-k span the whole tensor) come whole.
         """
-        for name, task, tensors in self._tasks:
+        for name, task, tensors, dtype in self._tasks:
             base = tensors[task.base_model]
             if alpha is None:
                 for rows in _row_chunks(base, chunked=True):
-                    yield name, base.shape, rows, base[rows].to(self.dtype)
+                    yield name, base.shape, rows, base[rows].to(dtype)
                 continue
             task = task.model_copy(
                 update={"parameters": ImmutableMap(dict(task.parameters.items(), alpha=alpha))}
             )
             for rows in _row_chunks(base, chunked=_elementwise(task)):
                 piece = task.execute(tensors={model: t[rows] for model, t in tensors.items()})
-                yield name, base.shape, rows, piece.to(self.dtype)
+                yield name, base.shape, rows, piece.to(dtype)
 
     def fill(self, alpha: Optional[float], destination: Mapping[str, torch.Tensor]) -> int:
         """Write the candidate into existing tensors (a model's parameters); returns the count.
@@ -141,7 +154,7 @@ class Candidates:
             if name != current:
                 if current is not None:
                     yield current, buffer
-                current, buffer = name, torch.empty(shape, dtype=self.dtype)
+                current, buffer = name, torch.empty(shape, dtype=piece.dtype)
             buffer[rows].copy_(piece)
         if current is not None:
             yield current, buffer

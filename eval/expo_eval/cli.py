@@ -151,6 +151,7 @@ def _describe(error: ValidationError, config_file: Optional[str]) -> str:
 def sweep(recipe, config_file, **flags):
     """Sweep alpha for an `expo` RECIPE: generate, score with reward models, report, pick alpha."""
     from expo_eval.candidates import RecipeError
+    from expo_eval.lock import SweepLockedError
     from expo_eval.prompts import PromptError
     from expo_eval.scoring import ScorerError
     from expo_eval.backends import BackendError
@@ -160,7 +161,7 @@ def sweep(recipe, config_file, **flags):
     config = build_config(recipe, config_file, flags)
     try:
         outcome = Sweep(config).run()
-    except (RecipeError, PromptError, ScorerError, BackendError) as error:
+    except (RecipeError, PromptError, ScorerError, BackendError, SweepLockedError) as error:
         raise click.ClickException(str(error)) from None
     if outcome.chosen is None:
         click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused}; nothing scored (generate_only).")

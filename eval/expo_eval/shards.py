@@ -17,6 +17,7 @@ import yaml
 
 from expo_eval.backends.base import BackendError
 from expo_eval.files import write_text
+from expo_eval.lock import SHARD_TOKEN_ENV
 
 
 def gpu_groups(gpus: Sequence[str], tensor_parallel_size: int) -> List[List[str]]:
@@ -55,8 +56,11 @@ def shard_configs(config, alphas: Sequence[Optional[float]]) -> List[tuple]:
     return result
 
 
-def generate_sharded(config, alphas: Sequence[Optional[float]]) -> None:
-    """Run every shard at once, each in its own process on its own GPUs; wait for all."""
+def generate_sharded(config, alphas: Sequence[Optional[float]], lock_token: Optional[str]) -> None:
+    """Run every shard at once, each in its own process on its own GPUs; wait for all.
+
+    lock_token: the calling sweep's lock on the output folder, which the shards share.
+    """
     shards_dir = Path(config.out) / "shards"
     processes = []
     for index, (group, shard) in enumerate(shard_configs(config, alphas)):
@@ -65,6 +69,8 @@ def generate_sharded(config, alphas: Sequence[Optional[float]]) -> None:
         command = [sys.executable, "-m", "expo_eval.cli", "sweep", str(config.recipe), "--config", str(path)]
         log = open(shards_dir / f"shard-{index}.log", "w")
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(group)}
+        if lock_token is not None:
+            env[SHARD_TOKEN_ENV] = lock_token
         processes.append((group, shard, log, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)))
     failed = []
     for group, shard, log, process in processes:

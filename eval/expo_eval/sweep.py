@@ -13,6 +13,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,9 +22,17 @@ from typing import Dict, List, Optional, Sequence
 from expo_eval.candidates import load_recipe
 from expo_eval.config import SweepConfig
 from expo_eval.files import write_text
+from expo_eval.fingerprint import (
+    describe_changes,
+    function_fingerprint,
+    model_fingerprint,
+    read_manifest,
+    text_fingerprint,
+)
+from expo_eval.lock import SweepLock
 from expo_eval.prompts import Prompt, load_prompts, split_prompts
 from expo_eval.records import CandidateResult, Generation, ScoreStats, Split
-from expo_eval.scoring import Scorer, load_scorer
+from expo_eval.scoring import FUNCTION_SPEC, Scorer, ScorerError, check_scores, load_scorer
 from expo_eval.search import (
     choose_alpha,
     mark_collapse,
@@ -76,6 +85,30 @@ class Sweep:
         self._rows: Dict[tuple, List[Generation]] = {}
         self._evaluated: Dict[tuple, CandidateResult] = {}
         self._reward_bytes: Optional[int] = None  # set while reward models share the device
+        self.chat_template = config.chat_template.read_text() if config.chat_template else None
+        self.inputs = self._fingerprints()
+
+    def _fingerprints(self) -> Dict[str, str]:
+        """Content fingerprints of everything a cached result depends on, by input name."""
+        recipe = self.recipe
+        inputs = {f"theta0 ({recipe.base_model.model.path})": model_fingerprint(recipe.base_model.model.path)}
+        for model in recipe.models or []:
+            path = model.model.model.path
+            if model.model != recipe.base_model:
+                inputs[f"aligned model ({path})"] = model_fingerprint(path)
+        if self.chat_template is not None:
+            inputs[f"chat template ({self.config.chat_template})"] = text_fingerprint(self.chat_template)
+        for name in self.config.reward_models:
+            fingerprint = function_fingerprint(name) if FUNCTION_SPEC.match(name) else model_fingerprint(name)
+            inputs[f"scorer {name}"] = fingerprint
+        return inputs
+
+    def _note_changed_inputs(self) -> None:
+        """One line per input that changed since the last sweep into this folder."""
+        manifest = self.cache / "inputs.json"
+        for name in describe_changes(read_manifest(manifest), self.inputs):
+            LOG.warning("%s changed since the last sweep in %s: its results are redone", name, self.config.out)
+        write_text(manifest, json.dumps(self.inputs, indent=2) + "\n")
 
     def _prompt_splits(self) -> Dict[Split, List[Prompt]]:
         config = self.config
@@ -111,6 +144,13 @@ class Sweep:
         self._scorers = dict(self._given_scorers)
         _free_memory()
 
+    def check_scorer(self, name: str) -> None:
+        """Fail now, not after hours of generation, on a scorer that cannot score."""
+        from expo_eval.scoring import check_scorer
+
+        if name not in self._given_scorers:
+            check_scorer(name)
+
     def scorer(self, name: str) -> Scorer:
         if name not in self._scorers:
             self._scorers[name] = load_scorer(name, device=self.config.device or "cpu")
@@ -119,26 +159,47 @@ class Sweep:
     # -- one candidate -----------------------------------------------------------------
 
     def generation_key(self, alpha: Optional[float], split: Split) -> str:
+        models = {name: value for name, value in self.inputs.items() if not name.startswith("scorer ")}
         return digest(
             {
                 "recipe": self.recipe_text,
+                "inputs": models,  # checkpoint and chat-template contents, not their paths
                 "alpha": alpha,
                 "prompts": [p.id for p in self.splits[split]],
                 "sampling": self.config.sampling.model_dump(),
                 "backend": self.config.backend,
                 "materialize": self.config.materialize,
-                "chat_template": self.config.chat_template,
             }
         )
+
+    def score_path(self, alpha: Optional[float], split: Split, name: str):
+        key = digest({"scorer": name, "contents": self.inputs[f"scorer {name}"]})
+        return self.cache / f"{self.generation_key(alpha, split)}.{key}.scores.json"
+
+    def _cached_rows(self, path, split: Split) -> Optional[List[Generation]]:
+        """The cached generations, or None (with a warning) when the entry is damaged."""
+        expected = [p.id for p in self.splits[split]]
+        try:
+            rows = [Generation.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            problem = None if [r.prompt_id for r in rows] == expected else (
+                f"{len(rows)} rows for {len(expected)} prompts" if len(rows) != len(expected) else "other prompts"
+            )
+        except (ValueError, OSError) as error:  # pydantic's ValidationError is a ValueError
+            problem = f"unreadable ({str(error).splitlines()[0]})"
+        if problem is None:
+            return rows
+        LOG.warning("Discarding damaged cache entry %s (%s); generating it again", path, problem)
+        path.unlink(missing_ok=True)
+        return None
 
     def _generate(self, alpha: Optional[float], split: Split) -> List[Generation]:
         if (alpha, split) in self._rows:
             return self._rows[(alpha, split)]
         key = self.generation_key(alpha, split)
         path = self.cache / f"{key}.jsonl"
-        if path.exists():
+        rows = self._cached_rows(path, split) if path.exists() else None
+        if rows is not None:
             self.outcome_counts["reused"] += 1
-            rows = [Generation.model_validate_json(line) for line in path.read_text().splitlines()]
             self._rows[(alpha, split)] = rows
             return rows
         prompts = self.splits[split]
@@ -173,16 +234,37 @@ class Sweep:
             self._generate(alpha, split)
 
     def _score(self, alpha: Optional[float], split: Split, rows: List[Generation]) -> None:
+        prompts = {p.id: p for p in self.splits[split]}
         for name in self.config.reward_models:
-            path = self.cache / f"{self.generation_key(alpha, split)}.{digest(name)}.scores.json"
-            if path.exists():
-                values = json.loads(path.read_text())
-            else:
-                prompts = {p.id: p for p in self.splits[split]}
-                values = self.scorer(name).score([prompts[r.prompt_id] for r in rows], [r.response for r in rows])
+            path = self.score_path(alpha, split, name)
+            values = self._cached_scores(path, len(rows)) if path.exists() else None
+            if values is None:
+                ordered = [prompts[r.prompt_id] for r in rows]
+                try:
+                    values = self.scorer(name).score(ordered, [r.response for r in rows])
+                except ScorerError:
+                    raise
+                except Exception as error:  # a user's scorer or a model that cannot run
+                    raise ScorerError(f"scorer {name} failed on {label(alpha)}: {type(error).__name__}: {error}") from error
+                values = check_scores(name, values, ordered)  # before anything is cached
                 write_text(path, json.dumps(values))
             for row, value in zip(rows, values):
                 row.scores[name] = value
+
+    def _cached_scores(self, path, count: int) -> Optional[List[float]]:
+        """Cached scores, or None (with a warning) when the entry is damaged."""
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            valid = isinstance(values, list) and len(values) == count and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+            )
+        except (ValueError, OSError):
+            valid = False
+        if valid:
+            return values
+        LOG.warning("Discarding damaged cache entry %s; scoring again", path)
+        path.unlink(missing_ok=True)
+        return None
 
     def evaluate(self, alpha: Optional[float], split: Split) -> CandidateResult:
         """Generate, score and summarize one candidate on one split (memoized)."""
@@ -222,6 +304,14 @@ class Sweep:
         from expo_eval.report import print_table, write_report
 
         config = self.config
+        with SweepLock(config.out) as self._lock:
+            return self._run_locked(print_table, write_report)
+
+    def _run_locked(self, print_table, write_report) -> SweepOutcome:
+        config = self.config
+        self._note_changed_inputs()
+        for name in config.reward_models:  # before the first generation, not after it
+            self.check_scorer(name)
         try:
             if config.alphas is not None:
                 results = self._grid()
@@ -255,10 +345,11 @@ class Sweep:
         alphas: List[Optional[float]] = sorted(set(config.alphas) | ({0.0} if not config.generate_only else set()))
         alphas += [None] if config.include_sft else []
         if config.gpus is not None and len(config.gpus) > config.engine.tensor_parallel_size:
-            generate_sharded(config, alphas)  # every GPU group fills the shared cache
-        self.generate(alphas, "select")
-        if self.splits["report"]:
-            self.generate([a for a in alphas if a in (0.0, None)], "report")  # always reported
+            generate_sharded(config, alphas, self._lock.token)  # every GPU group fills the shared cache
+        for alpha in alphas:  # alpha 0 and the SFT model are always reported: no second switch
+            self._generate(alpha, "select")
+            if self.splits["report"] and alpha in (0.0, None):
+                self._generate(alpha, "report")
         self.release_backend()
         if config.generate_only:
             return None

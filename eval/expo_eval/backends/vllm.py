@@ -112,7 +112,7 @@ def engine_dtype(recipe_text: str, dtype: str = "auto") -> str:
     """The dtype for vLLM: `dtype` when given, else the one mergekit-yaml would write.
 
     vLLM's own "auto" takes the checkpoint's dtype: a recipe that writes float32 to keep
-    alpha * delta (DESIGN.md section 5) would be measured rounded back to bfloat16.
+    alpha * delta (most of it is below one bf16 ulp) would be measured rounded back to bfloat16.
     """
     if dtype != "auto":
         return dtype

@@ -1,0 +1,218 @@
+"""Merges never destroy or mislabel data: input folders, the previous output, copied files."""
+
+import errno
+import hashlib
+import os
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, expo_recipe, load, merge, run_cli, write_recipe
+from safetensors.torch import load_file
+
+from mergekit_expo import run
+from mergekit_expo.tiny import build_family, tiny_config, build_tokenizer
+
+
+def digest(folder: Path) -> dict:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def leftovers(parent: Path) -> list:
+    return [p for p in os.listdir(parent) if ".expo-" in p]
+
+
+def mergekit_yaml(recipe, tmp_path, out, *args, **kwargs):
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    return run_cli("mergekit-yaml", path, out, *args, check=False, **kwargs)
+
+
+def assert_clean_failure(result, *messages):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for message in messages:
+        assert message in result.stderr, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ input folders
+
+
+@pytest.mark.parametrize("where", ["aligned", "sft", "inside", "contains"])
+def test_output_folder_overlapping_an_input_is_refused(family, tmp_path, where):
+    out = {
+        "aligned": family["dpo"],
+        "sft": family["sft"],
+        "inside": family["dpo"] / "merged",
+        "contains": family["dpo"].parent,
+    }[where]
+    before = {name: digest(path) for name, path in family.items()}
+    result = mergekit_yaml(expo_recipe(family), tmp_path, out)
+    relation = {"inside": "lies inside", "contains": "contains"}.get(where, "is")
+    assert_clean_failure(result, f"the output folder {out} {relation} the folder of input model")
+    assert {name: digest(path) for name, path in family.items()} == before
+    assert not (family["dpo"] / "merged").exists()
+
+
+def test_existing_folder_with_other_files_is_refused(family, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = mergekit_yaml(expo_recipe(family), tmp_path, out)
+    assert_clean_failure(result, "holds files that are not a model (notes.txt)")
+    assert os.listdir(out) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------ the previous output
+
+
+def test_re_merge_with_other_shard_size_leaves_no_stale_shard(family, tmp_path):
+    out = merge(expo_recipe(family, alpha=0.3), tmp_path)
+    assert (out / "model.safetensors").exists()
+    result = mergekit_yaml(expo_recipe(family, alpha=1.0), tmp_path, out, "--out-shard-size", "100K")
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = set(os.listdir(out))
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    shards = {n for n in names if n.endswith(".safetensors")}
+    state = {}
+    for shard in shards:
+        state.update(load_file(out / shard))
+    key = "model.layers.0.mlp.up_proj.weight"
+    t0, t1 = load(family["sft"])[key].double(), load(family["dpo"])[key].double()
+    delta = t1 - t0
+    alpha = float(((state[key].double() - t1) * delta).sum() / (delta * delta).sum())
+    assert alpha == pytest.approx(1.0, abs=0.02)
+    assert "alpha: 1" in (out / "README.md").read_text()
+    assert not leftovers(tmp_path)
+
+
+def test_failed_re_merge_keeps_the_previous_output_exactly(family, tmp_path):
+    """A NaN found mid-merge, after shards were written: the old model is untouched."""
+    from safetensors.torch import save_file
+    import shutil
+
+    out = merge(expo_recipe(family, alpha=0.3), tmp_path)
+    before = digest(out)
+    broken = Path(shutil.copytree(family["dpo"], tmp_path / "broken"))
+    state = load_file(broken / "model.safetensors")
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    recipe = expo_recipe(family, alpha=1.0)
+    recipe["models"] = [{"model": str(broken)}]
+    result = mergekit_yaml(recipe, tmp_path, out, "--out-shard-size", "50K")
+    assert_clean_failure(result, "model.norm.weight: 1 NaN or Inf value(s)")
+    assert digest(out) == before
+    assert not leftovers(tmp_path)
+
+
+def test_interrupted_merge_in_process_keeps_the_previous_output(family, tmp_path):
+    import mergekit.merge
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    out = merge(expo_recipe(family, alpha=0.3), tmp_path)
+    before = digest(out)
+    original = mergekit.merge.run_merge.__wrapped__
+
+    def interrupted(merge_config, out_path, options, config_source=None):
+        Path(out_path).mkdir()
+        (Path(out_path) / "model-00001-of-00002.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    assert original is not interrupted
+    with pytest.raises(KeyboardInterrupt):
+        run.run_expo_merge(
+            interrupted, MergeConfiguration.model_validate(expo_recipe(family, alpha=1.0)),
+            str(out), MergeOptions(quiet=True),
+        )
+    assert digest(out) == before
+    assert not leftovers(tmp_path)
+
+
+def test_sigint_during_a_real_re_merge_keeps_the_previous_output(tmp_path):
+    big = build_family(
+        str(tmp_path / "big"), aligned=("dpo",),
+        config=tiny_config(len(build_tokenizer()), hidden_size=512, num_layers=6, intermediate_size=1536),
+    )
+    family = {k: Path(v) for k, v in big.items()}
+    out = tmp_path / "out"
+    assert mergekit_yaml(expo_recipe(family, alpha=0.3), tmp_path, out).returncode == 0
+    before = digest(out)
+    path = write_recipe(tmp_path / "again.yaml", expo_recipe(family, alpha=1.0))
+    process = subprocess.Popen(
+        [str(BIN / "mergekit-yaml"), str(path), str(out), "--out-shard-size", "1M"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        partial = leftovers(tmp_path)
+        if partial and any(n.endswith(".safetensors") for n in os.listdir(tmp_path / partial[0])):
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the merge ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0, stderr[-2000:]
+    assert digest(out) == before
+    assert not leftovers(tmp_path)
+
+
+# ------------------------------------------------------------------ copied files, full disks
+
+
+def limit_file_size(limit: int):
+    """A file-size limit makes writes past it fail as a full disk would (Python ignores SIGXFSZ)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def run_limited(recipe, tmp_path, out, limit):
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    return subprocess.run(
+        [str(BIN / "mergekit-yaml"), str(path), str(out)], capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=limit_file_size(limit),
+    )
+
+
+def test_tokenizer_copy_that_fails_stops_the_merge(family, tmp_path):
+    """mergekit logs a failed tokenizer copy and carries on; the merge must not."""
+    import shutil
+
+    sft = Path(shutil.copytree(family["sft"], tmp_path / "sft_big_tokenizer"))
+    with open(sft / "tokenizer.json", "a") as handle:  # still valid JSON, now 1 MB
+        handle.write(" " * (1 << 20))
+    recipe = expo_recipe(family)
+    recipe["base_model"] = str(sft)
+    out = tmp_path / "out"
+    result = run_limited(recipe, tmp_path, out, 600_000)
+    assert_clean_failure(result, "tokenizer")
+    assert "Failed to copy tokenizer" in result.stderr or "not copied completely" in result.stderr
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_weights_that_cannot_be_written_stop_the_merge(family, tmp_path):
+    out = tmp_path / "out"
+    result = run_limited(expo_recipe(family), tmp_path, out, 60_000)
+    assert_clean_failure(result, "File too large", "is the disk full?")
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_incomplete_copy_is_named(tmp_path):
+    donor, written = tmp_path / "donor", tmp_path / "written"
+    donor.mkdir(), written.mkdir()
+    (donor / "tokenizer.json").write_bytes(b"x" * 10000)
+    (written / "tokenizer.json").write_bytes(b"x" * 4096)
+    with pytest.raises(ValueError, match=r"tokenizer.json was not copied completely .* \(4096 of 10000 bytes\)"):
+        run.check_copies(str(donor), written)
+
+
+def test_full_disk_message():
+    error = OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors")
+    assert run.describe(error) == (
+        "/out/model.safetensors: no space left on device; the previous output (if any) is untouched"
+    )
