@@ -221,6 +221,12 @@ def run(run_name: str, info: Dict, work: Path, python: str, cgroup: Optional[Pat
     out = work / f"sweep-{run_name}-{time.time_ns()}"
     command = [python, os.path.abspath(__file__), "--child", run_name, "--recipe", info["recipe"], "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)), "HF_HUB_OFFLINE": "1"}
+    if run_name == "vllm-tp2":  # one NUMA node here: vLLM wants each rank's cores named
+        cores = sorted(os.sched_getaffinity(0))
+        half = max(1, len(cores) // 2)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+            ",".join(map(str, part)) for part in (cores[:half], cores[half:] or cores[:half])
+        ))
     preexec = None
     if cgroup is not None:
         procs = cgroup / "cgroup.procs"

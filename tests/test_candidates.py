@@ -186,3 +186,24 @@ def test_fill_names_a_missing_or_misshapen_tensor(filtered_recipe):
     wrong[name] = torch.empty(3, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=name):
         candidates.fill(0.3, wrong)
+
+
+@pytest.fixture(scope="module")
+def float32_family(tmp_path_factory):
+    from pathlib import Path
+
+    from mergekit_expo.tiny import build_family
+
+    root = tmp_path_factory.mktemp("family32")
+    return {k: Path(v) for k, v in build_family(str(root / "tiny"), dtype=torch.float32).items()}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_narrowing_recipe_dtype_is_applied_as_mergekit_applies_it(float32_family, small_chunks, tmp_path, dtype):
+    """float32 checkpoints, recipe `dtype: bfloat16`: mergekit rounds the inputs first."""
+    recipe = dict(expo_recipe(float32_family, alpha=0.5, models=("dpo", "dpo_b")), dtype=dtype)
+    run_cli("mergekit-yaml", write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "out")
+    written = load(tmp_path / "out")
+    weights = dict(Candidates(load_recipe(yaml.safe_dump(recipe))).weights(0.5))
+    for name, tensor in written.items():
+        assert weights[name].dtype == tensor.dtype and torch.equal(weights[name], tensor), name

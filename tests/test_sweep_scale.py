@@ -73,6 +73,16 @@ def test_zero_and_false_are_values_and_flags_override_yaml(tmp_path, recipe):
         (["--alphas", "0.1", "--kv-cache-gib", "-1"], "--kv-cache-gib (engine.kv_cache_gib)"),
         (["--alphas", "0.1", "--gpus", "0,1,2", "--tensor-parallel-size", "2"], "do not split into engines"),
         (["--search", "0.1,0.5", "--gpus", "0,1"], "a search is sequential"),
+        (["--search", "0.5,0.1"], "needs low < high"),
+        (["--search", "nan,0.5"], "finite number"),
+        (["--search", "0.1,0.5", "--search-low", "0.2"], "give the search interval once"),
+        (["--alphas", "0.1", "--select-with", "nosuch"], "not one of the reward models"),
+        (["--alphas", "0.1", "--device", "foo"], "--device (device)"),
+        (["--alphas", "0.1", "--chat-template", "/nonexistent"], "--chat-template (chat_template)"),
+        (["--alphas", "0.1", "--presence-penalty", "5"], "--presence-penalty (sampling.presence_penalty)"),
+        (["--alphas", "0.1", "--gpus", "0,0"], "each GPU once"),
+        (["--alphas", "0.1", "--gpus", "a,b"], "GPU ids"),
+        (["--alphas", "0.1", "--materialize", "--backend", "vllm"], "materialize writes checkpoints"),
         (["--search", "0.1,0.5", "--generate-only"], "generate_only needs a grid"),
     ],
 )
@@ -110,7 +120,7 @@ def test_sharded_sweep_equals_one_process(recipe, reward_model, tmp_path, monkey
               "--reward-model", reward_model, "--device", "cpu"]
     run_cli("mergekit-expo", "sweep", recipe, "--out", tmp_path / "one", *common)
     sharded = run_cli("mergekit-expo", "sweep", recipe, "--out", tmp_path / "two", "--gpus", "0,1", *common)
-    assert "Nothing generated: all" in sharded.stdout  # the shards generated everything
+    assert "Generated 4 candidate runs" in sharded.stdout  # by the shards: 0, 0.5, 2 and SFT
     shard_logs = sorted((tmp_path / "two" / "shards").glob("shard-*.yaml"))
     assert len(shard_logs) == 2
     assert [yaml.safe_load(p.read_text())["alphas"] for p in shard_logs] == [[0.0, 2.0], [0.5]]
@@ -184,3 +194,64 @@ def test_generate_only_scores_nothing_and_a_later_run_reuses_it(recipe, tmp_path
     outcome = Sweep(SweepConfig(**base), scorers=[RecordingScorer(events)]).run()
     assert outcome.reused == 3 and outcome.generated <= 1  # at most the chosen alpha's report prompts
     assert outcome.chosen is not None and (tmp_path / "o" / "results.json").exists()
+
+
+def test_labels_never_collide_and_minus_zero_is_zero(recipe, tmp_path):
+    from expo_eval.sweep import label
+
+    assert label(0.1) == "alpha=0.1" and label(2.0) == "alpha=2" and label(None) == "sft"
+    assert label(0.1) != label(0.1000001) and label(0.3) != label(0.1 + 0.2)
+    config = SweepConfig(recipe=recipe, out=tmp_path, alphas=[-0.0, 0.5], reward_models=["rewards:word_count"])
+    assert config.alphas == [0.0, 0.5] and str(config.alphas[0]) == "0.0"
+
+
+def test_yaml_gpu_indices_may_be_numbers(recipe, tmp_path):
+    config = SweepConfig(recipe=recipe, out=tmp_path, alphas=[0.5], reward_models=["rewards:word_count"], gpus=[0, 1])
+    assert config.gpus == ["0", "1"]
+
+
+def test_one_gpu_group_runs_in_a_shard_process_on_those_gpus(recipe, tmp_path, monkeypatch):
+    """--gpus 3 is not ignored: the generation runs with CUDA_VISIBLE_DEVICES=3."""
+    import expo_eval.shards as shards
+
+    launched = []
+
+    class Done:
+        def __init__(self, command, env, stdout, stderr):
+            launched.append(env["CUDA_VISIBLE_DEVICES"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(shards.subprocess, "Popen", Done)
+    config = SweepConfig(recipe=recipe, out=tmp_path / "o", alphas=[0.5], reward_models=["rewards:word_count"],
+                         gpus=["3"], generate_only=True, prompts="smoke", limit=2)
+    monkeypatch.setattr("expo_eval.backends.make_backend", lambda *a, **k: Recorder([]))
+    Sweep(config).run()
+    assert launched == ["3"]
+
+
+def test_an_interrupted_sharded_sweep_stops_its_shards(recipe, tmp_path, monkeypatch):
+    import expo_eval.shards as shards
+
+    stopped = []
+
+    class Hanging:
+        def __init__(self, *args, **kwargs):
+            self.done = False
+
+        def wait(self):
+            if not self.done:
+                raise KeyboardInterrupt
+            return -15
+
+        def terminate(self):
+            stopped.append(self)
+            self.done = True
+
+    monkeypatch.setattr(shards.subprocess, "Popen", Hanging)
+    config = SweepConfig(recipe=recipe, out=tmp_path / "o", alphas=[0.5, 1.0], reward_models=["rewards:word_count"],
+                         gpus=["0", "1"])
+    with pytest.raises(KeyboardInterrupt):
+        shards.generate_sharded(config, [0.0, 0.5, 1.0], lock_token=None)
+    assert len(stopped) == 2

@@ -77,20 +77,22 @@ class Candidates:
         # Task); the to-disk plan holds the same tasks, and its writer never runs.
         planned = with_output_dtype(planner.plan_to_disk(out_path=""))
         targets = [t for t in planned if isinstance(t, SaveTensor)]
-        # Load as stored: the recipe's `dtype` cast happens inside the method call
-        # (mergekit aligns input dtypes there too), chunk by chunk, instead of holding
-        # converted copies of both models for the whole sweep.
-        loads = {target.tensor_task.gather_tensors: _as_stored(target.tensor_task.gather_tensors) for target in targets}
-        loaded = dict(Executor(list(set(loads.values())), math_device="cpu", storage_device="cpu").run(quiet=True))
+        # Load as stored, and cast each chunk inside the method call instead (the task's
+        # `dtype`: mergekit aligns the inputs to it), so the sweep does not hold converted
+        # copies of both models; the values the kernel sees are the same.
+        self._tasks = []
+        loads = {}
+        for target in targets:
+            task, gather = target.tensor_task, target.tensor_task.gather_tensors
+            if _castable_later(task, gather):
+                task = task.model_copy(update={"dtype": gather.dtype})
+                gather = gather.model_copy(update={"dtype": None})
+            loads[target] = (task, gather)
+        loaded = dict(Executor(list({g for _, g in loads.values()}), math_device="cpu", storage_device="cpu").run(quiet=True))
         # (name, task, inputs, the dtype mergekit's writer stores this tensor in)
         self._tasks: List[Tuple[str, ExecuteMergeMethodTask, Dict[ModelReference, torch.Tensor], torch.dtype]] = [
-            (
-                target.tensor_name,
-                target.tensor_task,
-                loaded[loads[target.tensor_task.gather_tensors]],
-                dtype_from_name(target.dtype) or self.dtype,
-            )
-            for target in targets
+            (target.tensor_name, task, loaded[gather], dtype_from_name(target.dtype) or self.dtype)
+            for target, (task, gather) in loads.items()
         ]
 
     @property
@@ -160,11 +162,15 @@ class Candidates:
             yield current, buffer
 
 
-def _as_stored(gather):
-    """The load task without the recipe's dtype cast (other load kinds as they are)."""
-    if isinstance(gather, GatherTensors) and gather.dtype is not None:
-        return gather.model_copy(update={"dtype": None})
-    return gather
+def _castable_later(task, gather) -> bool:
+    """Whether the recipe's input cast can move from loading into the method call: a
+    plain load with one dtype for every input, and a task that casts nothing itself."""
+    return (
+        isinstance(gather, GatherTensors)
+        and gather.dtype is not None
+        and task.dtype is None
+        and all(info.force_dtype is None for info in gather.weight_info.values())
+    )
 
 
 def _elementwise(task: ExecuteMergeMethodTask) -> bool:

@@ -114,7 +114,12 @@ def build_config(recipe: Path, config_file: Optional[str], flags: dict) -> Sweep
             raise click.BadParameter(f"{config_file}: not valid YAML ({error})", param_hint="--config") from None
         if not isinstance(data, dict):
             raise click.BadParameter(f"{config_file}: expected a mapping of sweep settings", param_hint="--config")
+    if "recipe" in data:
+        raise click.BadParameter(f"{config_file}: `recipe` is the command's RECIPE argument; remove it from the file", param_hint="--config")
     data["recipe"] = recipe
+    given = {name for name, value in flags.items() if value is not None}
+    if "search_range" in given and given & {"search_low", "search_high"}:
+        raise click.UsageError("give the search interval once: --search LOW,HIGH or --search-low/--search-high")
     for name, value in flags.items():
         if value is None or (isinstance(value, tuple) and not value):
             continue

@@ -1,10 +1,11 @@
 """Typed sweep configuration. `mergekit-expo sweep`'s flags are generated from these fields
 (expo_eval.cli), so a YAML config and the command line cannot drift apart."""
 
+import re
 from pathlib import Path
 from typing import List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
 
 from mergekit_expo.rules import check_alpha
 
@@ -21,8 +22,8 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0: greedy).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling share.")
     top_k: int = Field(40, ge=0, description="Top-k sampling (0: off).")
-    presence_penalty: float = Field(0.1, description="vLLM's presence penalty, over generated tokens.")
-    frequency_penalty: float = Field(0.1, description="vLLM's frequency penalty, over generated tokens.")
+    presence_penalty: float = Field(0.1, ge=-2, le=2, description="vLLM's presence penalty, over generated tokens.")
+    frequency_penalty: float = Field(0.1, ge=-2, le=2, description="vLLM's frequency penalty, over generated tokens.")
     max_new_tokens: int = Field(512, gt=0, description="Longest response, in tokens.")
     seed: int = Field(42, description="Sampling seed: every candidate sees the same random stream.")
     batch_size: int = Field(16, gt=0, description="Prompts per batch (transformers backend).")
@@ -39,8 +40,18 @@ class SearchConfig(BaseModel):
     refine_rounds: int = Field(2, ge=0, description="Bisection rounds after the grid.")
     min_step: float = Field(0.05, gt=0, description="Smallest alpha spacing.")
 
+    @model_validator(mode="after")
+    def _an_interval(self) -> "SearchConfig":
+        check_alpha(self.low)
+        check_alpha(self.high)
+        if not self.low < self.high:
+            raise ValueError(f"the search interval needs low < high, got [{self.low}, {self.high}]")
+        return self
+
 
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
+GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[\w-]+)$")
+DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
 class EngineConfig(BaseModel):
@@ -96,32 +107,60 @@ class SweepConfig(BaseModel):
         description="GPUs to spread a grid over, e.g. 0,1,2,3: one engine per tensor_parallel_size GPUs, alphas dealt round robin.",
     )
     generate_only: bool = Field(False, description="Generate and cache the responses of exactly the given alphas (0 is not added), score nothing; a later run scores.")
-    chat_template: Optional[Path] = Field(None, description="Jinja chat template file for a tokenizer without one.")
+    chat_template: Optional[FilePath] = Field(None, description="Jinja chat template file for a tokenizer without one.")
     materialize: bool = Field(False, description="Write every candidate with mergekit and load it (slow; the paper's loop).")
     keep_models: bool = Field(False, description="Keep the checkpoints --materialize writes.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
+    @field_validator("alphas", mode="before")
+    @classmethod
+    def _alphas_are_numbers(cls, alphas):
+        if isinstance(alphas, list) and any(isinstance(a, bool) for a in alphas):
+            raise ValueError(f"alphas must be numbers, got {alphas}")
+        return alphas
+
     @field_validator("alphas")
     @classmethod
     def _alphas_extrapolate(cls, alphas: Optional[List[float]]) -> Optional[List[float]]:
-        for alpha in alphas or []:
-            check_alpha(alpha)
-        return alphas
+        return None if alphas is None else [check_alpha(a) + 0.0 for a in alphas]  # -0.0 is 0
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_ids(cls, gpus):
+        if isinstance(gpus, list):
+            gpus = [str(g) for g in gpus]
+            bad = [g for g in gpus if not GPU_ID.match(g)]
+            if bad:
+                raise ValueError(f"GPU ids are indices or UUIDs as CUDA_VISIBLE_DEVICES takes them, got {bad}")
+            if len(set(gpus)) != len(gpus):
+                raise ValueError(f"each GPU once, got {gpus}")
+        return gpus
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: Optional[str]) -> Optional[str]:
+        if device is not None and not DEVICE.match(device):
+            raise ValueError(f"expected cpu, cuda, cuda:N, xpu or mps, got {device!r}")
+        return device
 
     @model_validator(mode="after")
     def _one_alpha_source(self) -> "SweepConfig":
         if (self.alphas is None) == (self.search is None):
             raise ValueError("give exactly one of `alphas` (a grid) or `search`")
+        if self.select_with is not None and self.select_with not in self.reward_models:
+            raise ValueError(f"select_with {self.select_with!r} is not one of the reward models {self.reward_models}")
+        if self.materialize and self.backend != "transformers":
+            raise ValueError("materialize writes checkpoints for the transformers backend; vLLM swaps weights in place")
         if self.generate_only and self.alphas is None:
             raise ValueError("generate_only needs a grid (alphas): a search chooses its next alpha from scores")
         if self.gpus is not None:
             if not self.gpus:
                 raise ValueError("gpus: give at least one GPU")
-            if self.search is not None and len(self.gpus) > self.engine.tensor_parallel_size:
+            if self.search is not None:
                 raise ValueError(
                     "gpus: a search is sequential and runs on one engine; spread a grid (alphas) "
-                    "over several GPUs, or give a search tensor_parallel_size GPUs"
+                    "over GPUs, or choose a search's GPUs with CUDA_VISIBLE_DEVICES"
                 )
             if len(self.gpus) % self.engine.tensor_parallel_size:
                 raise ValueError(

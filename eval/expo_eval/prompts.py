@@ -33,7 +33,12 @@ def make_prompt(messages: List[Dict[str, str]]) -> Prompt:
 
 def _from_row(row: dict) -> Optional[Prompt]:
     if isinstance(row.get("messages"), list) and row["messages"]:
-        users = [m for m in row["messages"] if m.get("role") == "user" and m.get("content")]
+        users = [m for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user" and m.get("content")]
+        if users and not isinstance(users[0]["content"], str):
+            raise ValueError(
+                f"a message's content must be a string, got {type(users[0]['content']).__name__} "
+                "(multi-part content is not supported)"
+            )
         # Dataset conversations end with the reference answer: keep the first user turn.
         return make_prompt([{"role": "user", "content": users[0]["content"]}]) if users else None
     for field in ("prompt", "instruction"):
@@ -44,10 +49,18 @@ def _from_row(row: dict) -> Optional[Prompt]:
 
 def load_prompts(spec: str, limit: Optional[int] = None) -> List[Prompt]:
     """`smoke`, `ultrafeedback`, `alpaca_eval`, a JSONL file, or `hf:NAME[:SPLIT]`."""
-    rows = list(_rows(spec))
+    try:
+        rows = list(_rows(spec))
+    except PromptError:
+        raise
+    except Exception as error:  # the Hub unreachable, a dataset that does not exist ...
+        raise PromptError(f"{spec}: cannot load the prompts ({type(error).__name__}: {error})") from None
     prompts, seen = [], set()
-    for row in rows:
-        prompt = _from_row(row) if isinstance(row, dict) else None
+    for number, row in rows:
+        try:
+            prompt = _from_row(row) if isinstance(row, dict) else None
+        except ValueError as error:
+            raise PromptError(f"{spec}:{number}: {error}") from None
         if prompt is not None and prompt.id not in seen:
             seen.add(prompt.id)
             prompts.append(prompt)
@@ -60,6 +73,7 @@ def load_prompts(spec: str, limit: Optional[int] = None) -> List[Prompt]:
 
 
 def _rows(spec: str):
+    """(line or row number, row) of a prompt source."""
     if spec == "smoke":
         spec = str(SMOKE)
     if spec == "ultrafeedback":
@@ -70,22 +84,26 @@ def _rows(spec: str):
 
         repo, filename = ALPACA_EVAL
         with open(hf_hub_download(repo, filename, repo_type="dataset")) as handle:
-            yield from json.load(handle)
+            yield from enumerate(json.load(handle), 1)
         return
     if spec.startswith("hf:"):
         import datasets
 
         name, _, split = spec[3:].partition(":")
-        yield from datasets.load_dataset(name, split=split or "train")
+        yield from enumerate(datasets.load_dataset(name, split=split or "train"), 1)
         return
     path = Path(spec)
     if not path.is_file():
         raise PromptError(f"{spec}: no such prompt file or built-in set (smoke, ultrafeedback, alpaca_eval)")
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise PromptError(f"{spec}:{number}: not UTF-8 text ({error})") from None
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield number, json.loads(line)
                 except json.JSONDecodeError as error:
                     raise PromptError(f"{spec}:{number}: not JSON ({error})") from None
 

@@ -72,10 +72,21 @@ def generate_sharded(config, alphas: Sequence[Optional[float]], lock_token: Opti
         if lock_token is not None:
             env[SHARD_TOKEN_ENV] = lock_token
         processes.append((group, shard, log, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)))
-    failed = []
-    for group, shard, log, process in processes:
-        if process.wait() != 0:
-            failed.append(f"GPUs {','.join(group)} (alphas {shard.alphas}; see {log.name})")
-        log.close()
+    try:
+        codes = [process.wait() for _, _, _, process in processes]
+    except BaseException:  # interrupted: stop the shards too, or they would race a rerun
+        for _, _, _, process in processes:
+            process.terminate()
+        for _, _, _, process in processes:
+            process.wait()
+        raise
+    finally:
+        for _, _, log, _ in processes:
+            log.close()
+    failed = [
+        f"GPUs {','.join(group)} (alphas {shard.alphas}; see {log.name})"
+        for (group, shard, log, _), code in zip(processes, codes)
+        if code != 0
+    ]
     if failed:
         raise BackendError(f"sharded generation failed on {'; '.join(failed)}")

@@ -47,7 +47,12 @@ def digest(payload) -> str:
 
 
 def label(alpha: Optional[float]) -> str:
-    return "sft" if alpha is None else f"alpha={alpha:g}"
+    """`sft`, or `alpha=0.3`: short where that is exact, the float's full repr where not,
+    so two different alphas never share a label (or a generations file)."""
+    if alpha is None:
+        return "sft"
+    short = f"{alpha:g}"
+    return f"alpha={short if float(short) == alpha else repr(alpha)}"
 
 
 LOG = logging.getLogger("expo_eval")
@@ -78,6 +83,7 @@ class Sweep:
         self._loaded_alpha: object = object()
         self.load_seconds: Dict[tuple, float] = {}  # switching to the candidate
         self.generate_seconds: Dict[tuple, float] = {}
+        self.score_seconds: Dict[tuple, float] = {}  # reward models' loading excluded
         self.startup_seconds: List[float] = []  # one per model or engine built
         self.cache = config.out / "cache"
         self.outcome_counts = {"generated": 0, "reused": 0}
@@ -168,9 +174,14 @@ class Sweep:
                 "prompts": [p.id for p in self.splits[split]],
                 "sampling": self.config.sampling.model_dump(),
                 "backend": self.config.backend,
+                "device": self.config.device,
+                "max_model_len": self.config.engine.max_model_len,  # can cut prompts and responses
                 "materialize": self.config.materialize,
             }
         )
+
+    def _has_generation(self, alpha: Optional[float], split: Split) -> bool:
+        return (alpha, split) in self._rows or (self.cache / f"{self.generation_key(alpha, split)}.jsonl").exists()
 
     def score_path(self, alpha: Optional[float], split: Split, name: str):
         key = digest({"scorer": name, "contents": self.inputs[f"scorer {name}"]})
@@ -201,6 +212,14 @@ class Sweep:
         if rows is not None:
             self.outcome_counts["reused"] += 1
             self._rows[(alpha, split)] = rows
+            timing = path.with_suffix(".timing.json")  # when it was generated (by a shard, say)
+            if timing.exists():
+                try:
+                    cached = json.loads(timing.read_text())
+                    self.load_seconds[(alpha, split)] = float(cached["load_s"])
+                    self.generate_seconds[(alpha, split)] = float(cached["generate_s"])
+                except (ValueError, KeyError, TypeError):
+                    pass
             return rows
         prompts = self.splits[split]
         if self._loaded_alpha != alpha:
@@ -223,6 +242,8 @@ class Sweep:
             )
             for p, c in zip(prompts, completions)
         ]
+        timing = {"load_s": self.load_seconds.get((alpha, split), 0.0), "generate_s": self.generate_seconds[(alpha, split)]}
+        write_text(path.with_suffix(".timing.json"), json.dumps(timing))
         write_text(path, "".join(row.model_dump_json() + "\n" for row in rows))
         self.outcome_counts["generated"] += 1
         self._rows[(alpha, split)] = rows
@@ -240,12 +261,15 @@ class Sweep:
             values = self._cached_scores(path, len(rows)) if path.exists() else None
             if values is None:
                 ordered = [prompts[r.prompt_id] for r in rows]
+                scorer = self.scorer(name)
+                started = time.perf_counter()
                 try:
-                    values = self.scorer(name).score(ordered, [r.response for r in rows])
+                    values = scorer.score(ordered, [r.response for r in rows])
                 except ScorerError:
                     raise
                 except Exception as error:  # a user's scorer or a model that cannot run
                     raise ScorerError(f"scorer {name} failed on {label(alpha)}: {type(error).__name__}: {error}") from error
+                self.score_seconds[(alpha, split)] = self.score_seconds.get((alpha, split), 0.0) + time.perf_counter() - started
                 values = check_scores(name, values, ordered)  # before anything is cached
                 write_text(path, json.dumps(values))
             for row, value in zip(rows, values):
@@ -272,14 +296,13 @@ class Sweep:
             return self._evaluated[(alpha, split)]
         baseline = None if alpha == 0 else self.evaluate(0.0, split)
         rows = self._generate(alpha, split)
-        scoring = time.perf_counter()
         self._score(alpha, split, rows)
         self.generations[label(alpha)] = self.generations.get(label(alpha), []) + rows
         result = summarize(alpha, split, rows, baseline_rows=self.generations["alpha=0"])
         result.timing = {  # zero for what came from the cache
             "load_s": self.load_seconds.get((alpha, split), 0.0),
             "generate_s": self.generate_seconds.get((alpha, split), 0.0),
-            "score_s": time.perf_counter() - scoring,
+            "score_s": self.score_seconds.get((alpha, split), 0.0),
         }
         if baseline is not None:
             result = mark_collapse(result, baseline, self.config.selector)
@@ -322,6 +345,8 @@ class Sweep:
             chosen = choose_alpha([r for r in results if r.alpha is not None], config.selector)
             reported = sorted({0.0, chosen.alpha} | ({None} if config.include_sft else set()), key=_order)
             if self.splits["report"]:
+                if not all(self._has_generation(a, "report") for a in reported):
+                    self.release_scorers()  # the engine comes back: the reward models make room
                 self.generate(reported, "report")
                 self.release_backend()
                 results += [self.evaluate(a, "report") for a in reported]
@@ -329,11 +354,16 @@ class Sweep:
             self.release_backend()
             self.release_scorers()
         flags = reward_hacking_flags(results, chosen, config.selector)
+        written = set()
         for name, rows in self.generations.items():
+            written.add(f"{name}.jsonl")
             write_text(
                 config.out / "generations" / f"{name}.jsonl",
                 "".join(row.model_dump_json() + "\n" for row in rows),
             )
+        for stale in (config.out / "generations").glob("*.jsonl"):  # an earlier sweep's other alphas
+            if stale.name not in written:
+                stale.unlink()
         timing = {"startup_s": self.startup_seconds}
         write_report(config.out, results, chosen, self.recipe_text, config.selector, flags, self.generations, timing)
         print_table(results, chosen, config.selector)
@@ -344,8 +374,11 @@ class Sweep:
         config = self.config
         alphas: List[Optional[float]] = sorted(set(config.alphas) | ({0.0} if not config.generate_only else set()))
         alphas += [None] if config.include_sft else []
-        if config.gpus is not None and len(config.gpus) > config.engine.tensor_parallel_size:
-            generate_sharded(config, alphas, self._lock.token)  # every GPU group fills the shared cache
+        if config.gpus is not None:  # every GPU group fills the shared cache in its own process
+            missing = [a for a in alphas if not self._has_generation(a, "select")]
+            generate_sharded(config, alphas, self._lock.token)
+            self.outcome_counts["generated"] += sum(self._has_generation(a, "select") for a in missing)
+            self.outcome_counts["reused"] -= sum(self._has_generation(a, "select") for a in missing)
         for alpha in alphas:  # alpha 0 and the SFT model are always reported: no second switch
             self._generate(alpha, "select")
             if self.splits["report"] and alpha in (0.0, None):

@@ -1,5 +1,6 @@
 """What every generation backend gives the sweep, as lm-eval separates models from tasks."""
 
+import logging
 from typing import List, Optional, Protocol, Sequence
 
 from pydantic import BaseModel
@@ -32,3 +33,23 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release the model (and the engine's processes and GPU memory)."""
+
+
+def check_context(prompt_ids: Sequence[List[int]], context: Optional[int], max_new_tokens: int) -> None:
+    """A prompt that does not fit the model's context is refused (never silently cut);
+    one that leaves less room than max_new_tokens gets a warning (its response is capped)."""
+    if not context:
+        return
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) >= context]
+    if too_long:
+        first = too_long[0]
+        raise BackendError(
+            f"{len(too_long)} prompt(s) do not fit the model's context of {context} tokens "
+            f"(prompt #{first + 1} has {len(prompt_ids[first])}): shorten or drop them"
+        )
+    capped = sum(len(ids) + max_new_tokens > context for ids in prompt_ids)
+    if capped:
+        logging.getLogger("expo_eval").warning(
+            "%d prompt(s) leave less than max_new_tokens=%d of the %d-token context: their responses are capped",
+            capped, max_new_tokens, context,
+        )

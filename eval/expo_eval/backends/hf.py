@@ -18,7 +18,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from expo_eval.backends.base import BackendError, Completion
+from expo_eval.backends.base import BackendError, Completion, check_context
 from expo_eval.candidates import Candidates
 from expo_eval.chat import Messages, render_ids, response_text
 from expo_eval.config import SamplingConfig
@@ -122,9 +122,11 @@ class TransformersBackend:
             eos_token_id=eos,
         )
         completions: List[Completion] = []
+        rendered = [self.render(m) for m in prompts]
+        check_context(rendered, getattr(self.model.config, "max_position_embeddings", None), sampling.max_new_tokens)
         for start in tqdm(range(0, len(prompts), sampling.batch_size), desc="generating", unit="batch", leave=False):
             torch.manual_seed(generator_seed + start)
-            encoded = [self.render(m) for m in prompts[start : start + sampling.batch_size]]
+            encoded = rendered[start : start + sampling.batch_size]
             batch = self.tokenizer.pad({"input_ids": encoded}, return_tensors="pt").to(self.device)
             length = batch["input_ids"].shape[1]
             output = self.model.generate(

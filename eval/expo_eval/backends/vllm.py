@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from mergekit.options import MergeOptions
 
-from expo_eval.backends.base import BackendError, Completion
+from expo_eval.backends.base import BackendError, Completion, check_context
 from expo_eval.candidates import Candidates, load_recipe
 from expo_eval.chat import Messages, render_ids, response_text
 from expo_eval.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, SamplingConfig
@@ -234,6 +234,8 @@ class VLLMBackend:
         requests = [
             render_prompt(self.tokenizer, messages, self.chat_template) for messages in prompts
         ]
+        context = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
+        check_context([r["prompt_token_ids"] for r in requests], context, sampling.max_new_tokens)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [completion(output, self.tokenizer) for output in outputs]
 
