@@ -45,6 +45,21 @@ CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 MIB = 1 << 20
 
 
+def reload_from_files(worker, folder: str) -> int:
+    """Run in each vLLM worker: reload_weights from the checkpoint's tensors, one at a time."""
+    from safetensors import safe_open
+
+    def tensors():
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                    for key in handle.keys():
+                        yield key, handle.get_tensor(key)
+
+    worker.model_runner.reload_weights(weights_iterator=tensors())
+    return 0
+
+
 def response_length(prompt: str, response: str) -> float:
     """The scorer of these sweeps: memory, not quality, is measured."""
     return float(len(response.split()))
@@ -143,7 +158,7 @@ class TreeSampler(threading.Thread):
             for pid in _descendants(self.pid):
                 try:
                     now = _status(pid)
-                    if pid not in self.names:
+                    if pid not in self.names or len(self.samples) % 2000 == 0:  # titles change at start-up
                         self.names[pid] = _name(pid)
                 except OSError:
                     continue
@@ -206,6 +221,11 @@ def child(args) -> None:
 
     backend.load_candidate = timed_load
     print("READY", time.time(), flush=True)
+    if args.child == "vllm-tp2":
+        # vLLM's own cost of an in-place reload, with theta1's tensors read from its files:
+        # what any weight swap costs a worker, before the sweep's candidates come in.
+        backend.llm.collective_rpc(reload_from_files, args=(args.aligned,))
+        print("BASELINE", time.time(), flush=True)
     outcome = sweep.run()
     timing = {
         "wall_s": time.perf_counter() - started,
@@ -219,9 +239,12 @@ def child(args) -> None:
 
 def run(run_name: str, info: Dict, work: Path, python: str, cgroup: Optional[Path] = None) -> Dict:
     out = work / f"sweep-{run_name}-{time.time_ns()}"
-    command = [python, os.path.abspath(__file__), "--child", run_name, "--recipe", info["recipe"], "--out", str(out)]
+    command = [python, os.path.abspath(__file__), "--child", run_name, "--recipe", info["recipe"], "--out", str(out),
+               "--aligned", info["paths"]["theta1"]]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)), "HF_HUB_OFFLINE": "1"}
-    if run_name == "vllm-tp2":  # one NUMA node here: vLLM wants each rank's cores named
+    if run_name == "vllm-tp2":
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc of reload_from_files (a function)
+        # One NUMA node here: vLLM wants each rank's cores named.
         cores = sorted(os.sched_getaffinity(0))
         half = max(1, len(cores) // 2)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
@@ -248,12 +271,14 @@ def run(run_name: str, info: Dict, work: Path, python: str, cgroup: Optional[Pat
     lines = text.splitlines()
     idle = next(json.loads(line[5:]) for line in lines if line.startswith("IDLE "))
     ready = next(float(line[6:]) for line in lines if line.startswith("READY "))
+    baseline = next((float(line[9:]) for line in lines if line.startswith("BASELINE ")), ready)
     result = next(json.loads(line[7:]) for line in lines if line.startswith("RESULT "))
     return {
         "idle": idle,
         "timing": result,
         "ready": sampler.peaks(before=ready),
-        "swaps": sampler.peaks(after=ready),
+        "reload": sampler.peaks(after=ready, before=baseline),  # vLLM reloading theta1 (vllm-tp2)
+        "swaps": sampler.peaks(after=baseline),
         "names": sampler.names,
         "root": process.pid,
         "log": str(log_path),
@@ -306,6 +331,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--aligned", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -349,6 +375,8 @@ def main() -> None:
         label = name + (f" (limit {limit / 2**30:.1f} GiB)" if name == "limited" else "")
         for pid in sorted(set(result["ready"]) | set(result["swaps"])):
             ready_anon, _ = result["ready"].get(pid, (0, 0))
+            reload_anon, _ = result["reload"].get(pid, (0, 0))
+            swap_anon, _ = result["swaps"].get(pid, (0, 0))
             anon, rss = (max(a, b) for a, b in zip(result["ready"].get(pid, (0, 0)), result["swaps"].get(pid, (0, 0))))
             is_root = pid == result["root"]
             if not is_root and anon < 64 * 1024:
@@ -359,14 +387,15 @@ def main() -> None:
                 "sweep" if is_root else result["names"].get(pid, "?")[:32],
                 f"{(anon * 1024 - base) / MIB:,.0f}",
                 f"{(anon * 1024 - base) / model:.2f}",
-                f"{(anon - ready_anon) / 1024:,.0f}",
+                f"{(max(reload_anon, ready_anon) - ready_anon) / 1024:,.0f}" if result["reload"] else "",
+                f"{(swap_anon - ready_anon) / 1024:,.0f}",
                 f"{rss / 1024:,.0f}",
                 f"{_mean(switch):.2f} / {_mean(timing['switch_cpu_s']):.2f}" if is_root else "",
                 f"{timing['wall_s']:.1f}" if is_root else "",
             ])
     print()
     print(table(
-        ["run", "process", "peak anon - idle (MiB)", "/ model", "swaps add (MiB)", "peak RSS (MiB)", "switch s/alpha (wall / CPU)", "sweep s"],
+        ["run", "process", "peak anon - idle (MiB)", "/ model", "vLLM reload adds (MiB)", "swaps add (MiB)", "peak RSS (MiB)", "switch s/alpha (wall / CPU)", "sweep s"],
         rows,
     ))
     if "chunked" in results and "materialize" in results:
@@ -381,7 +410,8 @@ def main() -> None:
         peak = max(p[0] for p in (chunked["ready"][chunked["root"]], chunked["swaps"][chunked["root"]]))
         ratio = (peak - chunked["idle"]["RssAnon"]) * 1024 / model
         print(f"transformers backend: (peak anonymous - idle) / model = {ratio:.2f} (target <= 1.2)")
-    print('"swaps add": peak after the model or engine was ready minus the peak before, per process.')
+    print('"swaps add": peak while the sweep swapped candidates minus the peak before the model or engine was ready;')
+    print('"vLLM reload adds": the same for vLLM reloading theta1 from its files in place (vllm-tp2 only).')
     print(f"logs and sweeps: {work}")
 
 

@@ -97,20 +97,20 @@ def parameter_settings(merge_config) -> Iterator[Tuple[str, Dict, bool]]:
     shared: the block may set parameters that apply to all inputs (alpha).
     """
     yield "parameters", merge_config.parameters, True
-    for i, model in enumerate(merge_config.models or []):
-        yield f"models[{i}] ({model.model})", model.parameters, False
-    for i, piece in enumerate(merge_config.slices or []):
-        yield f"slices[{i}]", piece.parameters, True
-        for j, source in enumerate(piece.sources):
-            yield f"slices[{i}].sources[{j}]", source.parameters, False
+    yield from _model_and_slice_blocks("", merge_config)
     for name, module in (merge_config.modules or {}).items():
         yield f"modules.{name}", module.parameters, True
-        for i, model in enumerate(module.models or []):
-            yield f"modules.{name}.models[{i}]", model.parameters, False
-        for i, piece in enumerate(module.slices or []):
-            yield f"modules.{name}.slices[{i}]", piece.parameters, True
-            for j, source in enumerate(piece.sources):
-                yield f"modules.{name}.slices[{i}].sources[{j}]", source.parameters, False
+        yield from _model_and_slice_blocks(f"modules.{name}.", module)
+
+
+def _model_and_slice_blocks(where: str, owner):
+    """The parameter blocks of a configuration's (or module's) models and slices."""
+    for i, model in enumerate(owner.models or []):
+        yield f"{where}models[{i}] ({model.model})", model.parameters, False
+    for i, piece in enumerate(owner.slices or []):
+        yield f"{where}slices[{i}]", piece.parameters, True
+        for j, source in enumerate(piece.sources):
+            yield f"{where}slices[{i}].sources[{j}]", source.parameters, False
 
 
 def check_parameters(merge_config) -> None:

@@ -27,6 +27,20 @@ def family(tmp_path_factory):
     return {k: Path(v) for k, v in build_family(str(root / "tiny")).items()}
 
 
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    """A tiny scalar reward model (random weights), saved locally."""
+    from mergekit_expo.tiny import build_reward_model
+
+    return build_reward_model(str(tmp_path_factory.mktemp("rm") / "rm"))
+
+
+@pytest.fixture
+def recipe(family, tmp_path):
+    """An alpha-0.3 `expo` recipe file over the family's sft and dpo."""
+    return write_recipe(tmp_path / "recipe.yaml", expo_recipe(family))
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

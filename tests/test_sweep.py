@@ -11,19 +11,9 @@ from expo_eval.backends import make_backend
 from expo_eval.candidates import load_recipe
 from expo_eval.config import SweepConfig
 from expo_eval.sweep import Sweep
-from mergekit_expo.tiny import build_reward_model
 
 TESTS = os.path.dirname(__file__)
 
-
-@pytest.fixture(scope="module")
-def reward_model(tmp_path_factory):
-    return build_reward_model(str(tmp_path_factory.mktemp("rm") / "rm"))
-
-
-@pytest.fixture
-def recipe(family, tmp_path):
-    return write_recipe(tmp_path / "recipe.yaml", expo_recipe(family))
 
 
 def config(recipe, out, reward_model, **overrides):

@@ -12,17 +12,7 @@ from expo_eval.config import SweepConfig
 from expo_eval.shards import gpu_groups, shard_alphas, shard_configs
 from expo_eval.sweep import Sweep
 from mergekit_expo.cli import main
-from mergekit_expo.tiny import build_reward_model
 
-
-@pytest.fixture(scope="module")
-def reward_model(tmp_path_factory):
-    return build_reward_model(str(tmp_path_factory.mktemp("rm") / "rm"))
-
-
-@pytest.fixture
-def recipe(family, tmp_path):
-    return write_recipe(tmp_path / "recipe.yaml", expo_recipe(family))
 
 
 def flags(**given):

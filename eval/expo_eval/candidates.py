@@ -8,6 +8,7 @@ write. Large tensors are computed in row chunks, so a candidate's transients sta
 at a few chunk-sized buffers instead of float32 copies of whole tensors.
 """
 
+import ctypes
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -160,6 +161,21 @@ class Candidates:
             buffer[rows].copy_(piece)
         if current is not None:
             yield current, buffer
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    A candidate's tensor-sized buffers are freed after each swap, but glibc keeps them
+    in its per-thread arenas: measured in vLLM workers at tensor-parallel size 2, that
+    left 0.35-0.55 GiB per worker counted as the process's own memory until trimmed.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _castable_later(task, gather) -> bool:

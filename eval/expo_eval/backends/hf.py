@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from expo_eval.backends.base import BackendError, Completion, check_context
-from expo_eval.candidates import Candidates
+from expo_eval.candidates import Candidates, return_freed_memory
 from expo_eval.chat import Messages, render_ids, response_text
 from expo_eval.config import SamplingConfig
 
@@ -103,6 +103,7 @@ class TransformersBackend:
             self.candidates.fill(alpha, self.model.state_dict(keep_vars=True))
         except KeyError as error:
             raise BackendError(f"the recipe produces tensor {error.args[0]}, which the model lacks") from None
+        return_freed_memory()
 
     def render(self, messages: Messages) -> List[int]:
         return render_ids(self.tokenizer, messages, add_generation_prompt=True)
