@@ -45,6 +45,9 @@ class CountingBackend:
         self.calls += 1
         return self.inner.generate(prompts, sampling)
 
+    def response_logprobs(self, prompts, responses):
+        return self.inner.response_logprobs(prompts, responses)
+
     def close(self):
         pass
 

@@ -130,7 +130,10 @@ class Recorder:
     def __init__(self, events):
         self.events = events
 
+    alpha = None
+
     def load_candidate(self, alpha):
+        self.alpha = alpha
         self.events.append(("load", alpha))
 
     def generate(self, prompts, sampling):
@@ -138,6 +141,10 @@ class Recorder:
 
         self.events.append(("generate",))
         return [Completion(text="good dog", tokens=3, finish_reason="stop") for _ in prompts]
+
+    def response_logprobs(self, prompts, responses):
+        self.events.append(("logprobs", self.alpha))
+        return [-float(len(text.split())) for text, _ in responses]
 
     def close(self):
         self.events.append(("close",))
@@ -167,7 +174,8 @@ def test_grid_generates_everything_then_releases_the_engine_then_scores(recipe, 
     Sweep(config, scorers=[RecordingScorer(events)]).run()
     first_score = events.index(("score",))
     assert ("close",) in events[:first_score]
-    assert [e for e in events[:first_score] if e[0] == "load"] == [("load", 0.0), ("load", 0.5), ("load", 1.0)]
+    # each candidate once, then theta0 once for every candidate's KL
+    assert [e for e in events[:first_score] if e[0] == "load"] == [("load", 0.0), ("load", 0.5), ("load", 1.0), ("load", None)]
     assert events.count(("make",)) == events.count(("close",))  # every model built is released
 
 
@@ -245,3 +253,25 @@ def test_an_interrupted_sharded_sweep_stops_its_shards(recipe, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         shards.generate_sharded(config, [0.0, 0.5, 1.0], lock_token=None)
     assert len(stopped) == 2
+
+
+def test_kl_column_is_zero_for_theta0_itself_and_grows_with_alpha(family, reward_model, tmp_path):
+    """KL(candidate || theta0) from the candidates' own samples: 0 when the aligned model is
+    theta0, positive and growing with alpha otherwise; in results.csv and a plot."""
+    import shutil
+
+    twin = shutil.copytree(family["sft"], tmp_path / "twin")  # theta0's weights as the "aligned" model
+    same = write_recipe(tmp_path / "same.yaml", dict(expo_recipe(family), models=[{"model": str(twin)}]))
+    from mergekit_expo.tiny import build_family
+
+    far = build_family(str(tmp_path / "far"), aligned=("dpo",), scale=0.5)  # a change a tiny random model feels
+    moved = write_recipe(tmp_path / "moved.yaml", dict(expo_recipe(far), dtype="float32"))
+    common = dict(alphas=[2.0, 8.0], prompts="smoke", limit=8, reward_models=["rewards:word_count"],
+                  sampling={"max_new_tokens": 8}, device="cpu")
+    flat = Sweep(SweepConfig(recipe=same, out=tmp_path / "same", **common)).run()
+    assert all(r.kl == 0.0 for r in flat.results if r.split == "select")
+    grows = Sweep(SweepConfig(recipe=moved, out=tmp_path / "moved", **common)).run()
+    kl = {r.alpha: r.kl for r in grows.results if r.split == "select"}
+    assert 0 < kl[0.0] < kl[2.0] < kl[8.0]
+    assert "kl" in (tmp_path / "moved" / "results.csv").read_text().splitlines()[0].split(",")
+    assert (tmp_path / "moved" / "reward_vs_kl.png").stat().st_size > 0

@@ -36,6 +36,9 @@ class FakeBackend:
         self.generated.append(self.alpha)
         return [Completion(text=f"good dog {self.alpha}", tokens=3, finish_reason="stop") for _ in prompts]
 
+    def response_logprobs(self, prompts, responses):
+        return [-1.0 for _ in responses]
+
     def close(self):
         pass
 

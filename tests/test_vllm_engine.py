@@ -66,7 +66,7 @@ def test_real_engine_swaps_weights_and_resets_the_prefix_cache(wide_family, monk
 def test_cli_sweep_with_vllm_equals_the_transformers_backend(wide_family, tmp_path):
     """Default engine options; greedy decoding on a float32 recipe: the same responses."""
     recipe = write_recipe(tmp_path / "recipe.yaml", expo_recipe(wide_family, dtype="float32"))
-    outputs = {}
+    outputs, kls = {}, {}
     for backend in ("transformers", "vllm"):
         out = tmp_path / backend
         result = run_cli(
@@ -80,11 +80,17 @@ def test_cli_sweep_with_vllm_equals_the_transformers_backend(wide_family, tmp_pa
                         for row in map(json.loads, path.read_text().splitlines())]
             for path in (out / "generations").glob("*.jsonl")
         }
-        timing = json.loads((out / "results.json").read_text())["timing"]
+        document = json.loads((out / "results.json").read_text())
+        timing = document["timing"]
         assert timing["startup_s"] and all(t > 0 for t in timing["startup_s"])  # apart from generation
+        kls[backend] = {c["label"]: c["kl"] for c in document["candidates"] if c["split"] == "select" and c["alpha"] is not None}
     assert outputs["vllm"].keys() == outputs["transformers"].keys() == {
         "sft.jsonl", "alpha=0.jsonl", "alpha=0.5.jsonl", "alpha=2.jsonl"
     }
     for name, rows in outputs["transformers"].items():
         assert outputs["vllm"][name] == rows, name
     assert any(response for rows in outputs["vllm"].values() for _, response, _, _ in rows)
+    # KL(candidate || theta0) from vLLM's prompt log-probabilities equals the transformers forward pass
+    assert kls["vllm"].keys() == kls["transformers"].keys() == {"alpha=0", "alpha=0.5", "alpha=2"}
+    for label, kl in kls["transformers"].items():
+        assert kls["vllm"][label] == pytest.approx(kl, rel=1e-3, abs=1e-4), label

@@ -18,6 +18,9 @@ class Generation(BaseModel):
     tokens: int
     finish_reason: FinishReason
     scores: Dict[str, float] = Field(default_factory=dict)
+    # log p(response | prompt) under its own candidate and under theta0 (select prompts)
+    logprob: Optional[float] = None
+    logprob_sft: Optional[float] = None
 
 
 class ScoreStats(BaseModel):
@@ -38,6 +41,9 @@ class CandidateResult(BaseModel):
     mean_tokens: float
     length_cut_share: float
     repetition: float
+    # KL(candidate || theta0) in nats per response, estimated on the candidate's own samples
+    kl: Optional[float] = None
+    kl_stderr: Optional[float] = None
     timing: Dict[str, float] = Field(default_factory=dict)
     collapsed: bool = False
     collapse_reasons: List[str] = Field(default_factory=list)

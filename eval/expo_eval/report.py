@@ -68,7 +68,7 @@ def results_csv(results: List[CandidateResult], selector: str) -> str:
     timings = list(dict.fromkeys(key for r in results for key in r.timing))
     header = ["alpha", "label", "split", "n"]
     header += [f"{name}:{stat}" for name in names for stat in STAT_FIELDS]
-    header += ["mean_tokens", "length_cut_share", "repetition", "collapsed", "collapse_reasons"]
+    header += ["mean_tokens", "length_cut_share", "repetition", "kl", "kl_stderr", "collapsed", "collapse_reasons"]
     header += [f"timing:{key}" for key in timings]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -78,7 +78,7 @@ def results_csv(results: List[CandidateResult], selector: str) -> str:
         for name in names:
             stats = r.scores.get(name)
             row += [_blank(getattr(stats, stat, None)) for stat in STAT_FIELDS]
-        row += [r.mean_tokens, r.length_cut_share, r.repetition, r.collapsed]
+        row += [r.mean_tokens, r.length_cut_share, r.repetition, _blank(r.kl), _blank(r.kl_stderr), r.collapsed]
         row += ["; ".join(r.collapse_reasons)]
         row += [_blank(r.timing.get(key)) for key in timings]
         writer.writerow(row)
@@ -264,6 +264,29 @@ def distribution_figure(
     return fig
 
 
+def kl_figure(results: List[CandidateResult], chosen: CandidateResult, selector: str):
+    """Every scorer against sqrt(KL(candidate || theta0)) on the select prompts: the picture
+    of reward-model overoptimization (a proxy keeps rising while true quality peaks and
+    falls), with each point labelled by its alpha."""
+    from matplotlib.figure import Figure
+
+    names = scorers(results, selector)
+    fig = Figure(figsize=(7, 2.6 * len(names)), layout="constrained")
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    series = [r for r in _alpha_series(results, "select") if r.kl is not None]
+    distance = [max(r.kl, 0.0) ** 0.5 for r in series]
+    for ax, name in zip(axes, names):
+        points = [(d, r) for d, r in zip(distance, series) if name in r.scores]
+        ax.errorbar([d for d, _ in points], [r.score(name) for _, r in points],
+                    yerr=[r.scores[name].stderr for _, r in points], marker="o", capsize=3)
+        for d, r in points:
+            ax.annotate(f"{r.alpha:g}", (d, r.score(name)), textcoords="offset points", xytext=(4, 4),
+                        fontsize="small", fontweight="bold" if r.alpha == chosen.alpha else "normal")
+        ax.set_ylabel(f"{name}{' (selector)' if name == selector else ''}")
+    axes[-1].set_xlabel("sqrt(KL(candidate || theta0)), nats^0.5 per response (labels: alpha)")
+    return fig
+
+
 def write_plots(
     out_dir: Path,
     results: List[CandidateResult],
@@ -271,7 +294,8 @@ def write_plots(
     selector: str,
     generations: Dict[str, List[Generation]],
 ) -> None:
-    """reward_vs_alpha.png and reward_distributions.png; skipped when matplotlib is absent."""
+    """reward_vs_alpha.png, reward_distributions.png and reward_vs_kl.png; skipped when
+    matplotlib is absent."""
     try:
         import matplotlib  # noqa: F401  (optional extra: mergekit-expo[plot])
     except ImportError:
@@ -281,6 +305,8 @@ def write_plots(
         "reward_vs_alpha.png": reward_figure(results, chosen, selector),
         "reward_distributions.png": distribution_figure(results, chosen, selector, generations),
     }
+    if any(r.kl is not None for r in results):
+        figures["reward_vs_kl.png"] = kl_figure(results, chosen, selector)
     for name, fig in figures.items():
         write_atomic(out_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120))
 
@@ -335,6 +361,7 @@ def print_table(
         "tokens",
         "cut",
         "repetition",
+        "KL (nats)",
         "status",
     ):
         table.add_column(
@@ -352,6 +379,7 @@ def print_table(
             f"{r.mean_tokens:.0f}",
             f"{r.length_cut_share:.0%}",
             f"{r.repetition:.2f}",
+            "" if r.kl is None else f"{r.kl:.3g}",
             _status(r, is_chosen),
             style="red" if r.collapsed else "bold green" if is_chosen else None,
         )

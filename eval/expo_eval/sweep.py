@@ -242,12 +242,43 @@ class Sweep:
             )
             for p, c in zip(prompts, completions)
         ]
+        if split == "select" and alpha is not None:  # the candidate is loaded: its own log-probabilities now
+            self._logprobs(alpha, split, rows, under_sft=False)
         timing = {"load_s": self.load_seconds.get((alpha, split), 0.0), "generate_s": self.generate_seconds[(alpha, split)]}
         write_text(path.with_suffix(".timing.json"), json.dumps(timing))
         write_text(path, "".join(row.model_dump_json() + "\n" for row in rows))
         self.outcome_counts["generated"] += 1
         self._rows[(alpha, split)] = rows
         return rows
+
+    def _switch(self, alpha: Optional[float]) -> None:
+        if self._loaded_alpha != alpha:
+            self.backend.load_candidate(alpha)
+            self._loaded_alpha = alpha
+
+    def _logprobs(self, alpha: Optional[float], split: Split, rows: List[Generation], under_sft: bool) -> None:
+        """Each row's log p(response | prompt) under its candidate, or under theta0 (cached)."""
+        field = "logprob_sft" if under_sft else "logprob"
+        path = self.cache / f"{self.generation_key(alpha, split)}.{field}.json"
+        values = self._cached_scores(path, len(rows)) if path.exists() else None
+        if values is None:
+            self._switch(None if under_sft else alpha)
+            prompts = {p.id: p for p in self.splits[split]}
+            values = self.backend.response_logprobs(
+                [prompts[r.prompt_id].messages for r in rows], [(r.response, r.finish_reason == "stop") for r in rows]
+            )
+            write_text(path, json.dumps(values))
+        for row, value in zip(rows, values):
+            setattr(row, field, value)
+
+    def measure_kl(self, alphas: Sequence[Optional[float]], split: Split = "select") -> None:
+        """KL(candidate || theta0) for every candidate: its own log-probabilities first
+        (switching to it where they are missing), then theta0's, with one switch to theta0."""
+        alphas = [a for a in alphas if a is not None]
+        for alpha in alphas:
+            self._logprobs(alpha, split, self._generate(alpha, split), under_sft=False)
+        for alpha in alphas:
+            self._logprobs(alpha, split, self._generate(alpha, split), under_sft=True)
 
     def generate(self, alphas: Sequence[Optional[float]], split: Split) -> None:
         """Generate (or find in the cache) every candidate's responses, scoring nothing."""
@@ -383,6 +414,7 @@ class Sweep:
             self._generate(alpha, "select")
             if self.splits["report"] and alpha in (0.0, None):
                 self._generate(alpha, "report")
+        self.measure_kl(alphas)
         self.release_backend()
         if config.generate_only:
             return None
@@ -398,7 +430,11 @@ class Sweep:
         results += search_alphas(lambda a: self.evaluate(a, "select"), config.search, config.selector)
         if config.include_sft:
             results.append(self.evaluate(None, "select"))
-        return results
+        alphas = [r.alpha for r in results]
+        self.measure_kl(alphas)  # then summarize again, with the KL column
+        self._evaluated = {key: value for key, value in self._evaluated.items() if key[1] != "select"}
+        self.generations = {name: [r for r in rows if r.split != "select"] for name, rows in self.generations.items()}
+        return [self.evaluate(a, "select") for a in alphas]
 
     def _outcome(self, results, chosen, flags) -> SweepOutcome:
         return SweepOutcome(
@@ -409,6 +445,16 @@ class Sweep:
             reused=self.outcome_counts["reused"],
             generations=self.generations,
         )
+
+
+def _kl(rows: List[Generation]) -> dict:
+    """KL(candidate || theta0) = E_y~candidate[log p_candidate(y) - log p_theta0(y)], per
+    response, with its standard error; nothing when the log-probabilities are missing."""
+    gaps = [r.logprob - r.logprob_sft for r in rows if r.logprob is not None and r.logprob_sft is not None]
+    if len(gaps) != len(rows) or not gaps:
+        return {}
+    spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+    return {"kl": statistics.fmean(gaps), "kl_stderr": spread / len(gaps) ** 0.5}
 
 
 def _order(alpha: Optional[float]) -> float:
@@ -454,4 +500,5 @@ def summarize(
         mean_tokens=statistics.fmean(r.tokens for r in rows),
         length_cut_share=sum(r.finish_reason == "length" for r in rows) / len(rows),
         repetition=statistics.fmean(repetition(r.response) for r in rows),
+        **_kl(rows),
     )

@@ -1,7 +1,7 @@
 """What every generation backend gives the sweep, as lm-eval separates models from tasks."""
 
 import logging
-from typing import List, Optional, Protocol, Sequence
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 from pydantic import BaseModel
 
@@ -30,6 +30,9 @@ class Backend(Protocol):
 
     def generate(self, prompts: Sequence[Messages], sampling: SamplingConfig) -> List[Completion]:
         """Sample one completion per prompt, deterministic for sampling.seed."""
+
+    def response_logprobs(self, prompts: Sequence[Messages], responses: Sequence[Tuple[str, bool]]) -> List[float]:
+        """log p(response | prompt) under the loaded weights, per (text, stopped) response."""
 
     def close(self) -> None:
         """Release the model (and the engine's processes and GPU memory)."""

@@ -3,7 +3,7 @@
 import shutil
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -20,7 +20,7 @@ from transformers import (
 
 from expo_eval.backends.base import BackendError, Completion, check_context
 from expo_eval.candidates import Candidates, return_freed_memory
-from expo_eval.chat import Messages, render_ids, response_text
+from expo_eval.chat import Messages, render_ids, response_ids, response_text
 from expo_eval.config import SamplingConfig
 
 
@@ -138,6 +138,30 @@ class TransformersBackend:
             for row in output[:, length:].tolist():
                 completions.append(self._completion(row, eos))
         return completions
+
+    @torch.no_grad()
+    def response_logprobs(
+        self, prompts: Sequence[Messages], responses: Sequence[Tuple[str, bool]], batch_size: int = 8
+    ) -> List[float]:
+        """log p(response | prompt) under the loaded weights, summed over the response's
+        tokens (EOS included when it stopped): the model's own distribution, before any
+        temperature, top-k/p or penalty."""
+        pairs = [
+            (self.render(m), response_ids(self.tokenizer, text, stopped))
+            for m, (text, stopped) in zip(prompts, responses)
+        ]
+        totals: List[float] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = self.tokenizer.pad({"input_ids": [p + r for p, r in chunk]}, return_tensors="pt").to(self.device)
+            mask = batch["attention_mask"]
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            taken = logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+            for row, (_, response) in enumerate(chunk):
+                totals.append(float(taken[row, taken.shape[1] - len(response) :].sum()) if response else 0.0)
+        return totals
 
     def _completion(self, row: List[int], eos: int) -> Completion:
         if eos in row:

@@ -11,14 +11,14 @@ import gc
 import inspect
 import logging
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from mergekit.options import MergeOptions
 
 from expo_eval.backends.base import BackendError, Completion, check_context
 from expo_eval.candidates import Candidates, load_recipe, return_freed_memory
-from expo_eval.chat import Messages, render_ids, response_text
+from expo_eval.chat import Messages, render_ids, response_ids, response_text
 from expo_eval.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, SamplingConfig
 from mergekit_expo.run import output_dtype
 
@@ -243,6 +243,22 @@ class VLLMBackend:
         check_context([r["prompt_token_ids"] for r in requests], context, sampling.max_new_tokens)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [completion(output, self.tokenizer) for output in outputs]
+
+    def response_logprobs(self, prompts: Sequence[Messages], responses: Sequence[Tuple[str, bool]]) -> List[float]:
+        """log p(response | prompt) under the loaded weights, from vLLM's prompt log-probabilities
+        of prompt + response (raw model log-probabilities: no temperature or penalties)."""
+        params = _vllm().SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
+        requests, lengths = [], []
+        for messages, (text, stopped) in zip(prompts, responses):
+            response = response_ids(self.tokenizer, text, stopped)
+            prompt = render_prompt(self.tokenizer, messages, self.chat_template)["prompt_token_ids"]
+            requests.append({"prompt_token_ids": prompt + response})
+            lengths.append(len(response))
+        totals = []
+        for request, length, output in zip(requests, lengths, self.llm.generate(requests, params, use_tqdm=False)):
+            ids, logprobs = request["prompt_token_ids"], output.prompt_logprobs
+            totals.append(sum(logprobs[i][ids[i]].logprob for i in range(len(ids) - length, len(ids))))
+        return totals
 
     def close(self) -> None:
         """Stop the engine's processes now (their GPU memory goes with them)."""
