@@ -59,7 +59,7 @@ def expo_card(
     summary: Optional[stats.Summary] = None,
 ) -> str:
     """mergekit's card for `config`, plus the ExPO section (with the run's statistics)."""
-    theta0 = config.base_model
+    theta0 = config.base_model or next((s.base_model for s in config.slices or [] if s.base_model), None)
     aligned = [m for m in _ordered_models(config) if m != theta0]
     hub_ids = [m.model.path for m in [theta0, *aligned] if is_hub_id(m.model.path)]
     section = EXPO_SECTION.format(

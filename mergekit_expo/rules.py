@@ -8,14 +8,26 @@ import math
 from typing import Any
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_alpha(alpha: float) -> float:
     """Return alpha if it is a finite number greater than -1, else raise ValueError.
 
     theta2 = theta1 + alpha * (theta1 - theta0): alpha = -1 gives theta0 itself and
     anything below moves past it; NaN or an infinity gives no model at all.
     """
+    if isinstance(alpha, str):
+        try:
+            float(alpha)
+            hint = f" (YAML reads {alpha!r} as text: write it with a dot, e.g. 1.0e+30)"
+        except ValueError:
+            hint = ""
+        raise ValueError(f"alpha must be a number (got {alpha!r}){hint}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha must be a number (got {alpha!r})")
+    if abs(alpha) > FLOAT32_MAX:
+        raise ValueError(f"alpha must fit the float32 arithmetic of the merge (|alpha| <= {FLOAT32_MAX:.3g}), got {alpha}")
     if not math.isfinite(alpha) or alpha <= -1:
         raise ValueError(
             f"alpha must be a finite number greater than -1 (got {alpha}): "

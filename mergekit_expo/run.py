@@ -43,6 +43,28 @@ class MergeError(click.ClickException, ValueError):
 
 def run_expo_merge(run, merge_config, out_path, options, config_source=None) -> None:
     """Run mergekit's `run_merge` for an `expo` configuration, safely (see module doc)."""
+    with _terminate_cleanly():
+        _run_expo_merge(run, merge_config, out_path, options, config_source)
+
+
+class _terminate_cleanly:
+    """SIGTERM (how schedulers such as Slurm end a job) unwinds like Ctrl-C, so the partial
+    folder is removed instead of left behind; main thread only, restored afterwards."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            def stop(signum, frame):
+                raise SystemExit(128 + signum)
+
+            self.previous = signal.signal(signal.SIGTERM, stop)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _run_expo_merge(run, merge_config, out_path, options, config_source=None) -> None:
     try:
         merge_config = prepare(merge_config, out_path, options)
         _merge(run, merge_config, Path(out_path), options, config_source)
@@ -199,6 +221,11 @@ def check_output_folder(out_path: str, inputs: Dict) -> None:
         )
     if out.exists() and not out.is_dir():
         raise ValueError(f"the output path {out_path} exists and is not a folder")
+    if out == Path.cwd().resolve() or os.path.ismount(out):
+        raise ValueError(
+            f"the output folder {out_path} is the current folder or a mount point: a merge swaps in a "
+            "new folder in its place, which these cannot be; choose a folder inside it"
+        )
     if out.is_dir():
         entries = sorted(os.listdir(out))
         if entries and not is_model_folder(out):
@@ -210,9 +237,26 @@ def check_output_folder(out_path: str, inputs: Dict) -> None:
             )
 
 
+# What a merge (mergekit's writer and its copies of the donor's files) puts in a folder.
+MODEL_FILES = {
+    "config.json", "generation_config.json", "mergekit_config.yml", "README.md", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.txt", "spiece.model",
+    "model.safetensors.index.json", "pytorch_model.bin.index.json",
+}
+
+
 def is_model_folder(folder: Path) -> bool:
-    names = os.listdir(folder)
-    return "config.json" in names or "mergekit_config.yml" in names
+    """Whether a folder holds nothing but what a merge writes: replacing it loses nothing else.
+
+    An earlier merge output (mergekit_config.yml) qualifies only under the same rule: a
+    config.json beside a project's source files does not make a folder a model."""
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            return False
+        if entry.name not in MODEL_FILES and not entry.name.endswith(WEIGHT_SUFFIXES):
+            return False
+    return True
 
 
 def output_dtype(merge_config, options) -> Optional[str]:
@@ -239,8 +283,12 @@ def output_dtype(merge_config, options) -> Optional[str]:
 
 def _merge(run, merge_config, out: Path, options, config_source: Optional[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.expo-partial-*"):  # left by a killed merge (kill -9)
+        LOG.warning("Removing %s, left by an interrupted merge", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     partial = out.parent / f".{out.name}.expo-partial-{uuid.uuid4().hex[:8]}"
     inner_options = options.model_copy(update={"write_model_card": False})
+    card_config = merge_config.model_copy(deep=True)  # mergekit's planner normalizes the config in place
     try:
         with stats.observing() as collector, compat.merge_errors() as errors:
             run(merge_config, str(partial), inner_options, config_source)
@@ -250,7 +298,7 @@ def _merge(run, merge_config, out: Path, options, config_source: Optional[str]) 
             check_copies(compat.donor_folder(merge_config, options), partial)
         summary = collector.summary()
         if options.write_model_card:
-            write_card(merge_config, config_source, partial, out.name, summary)
+            write_card(card_config, config_source, partial, out.name, summary)
         swap_in(partial, out)
     finally:
         if partial.exists():

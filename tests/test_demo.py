@@ -192,8 +192,10 @@ def test_quick_run_report(quick):
         assert f"plots/{name}" in report
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["table"]) == 1 + 3 * len(CHECKPOINTS)
-    verdicts = {"holds", "partly holds", "does not hold", "seen", "not seen"}
-    assert summary["claims"] and {c["verdict"] for c in summary["claims"]} <= verdicts
+    verdicts = {c["verdict"] for c in summary["claims"]}
+    assert summary["claims"] and all(
+        v in ("holds", "does not hold", "seen", "not seen") or v.startswith("holds for ") for v in verdicts
+    )
     assert set(summary["alphas"]) == set(CHECKPOINTS)
 
 
@@ -219,3 +221,11 @@ def test_checked_in_recipe_runs_on_the_demo_models(quick, monkeypatch):
     result = CliRunner().invoke(run_yaml.main, [str(recipe), "merged"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert (quick["root"] / "merged" / "model.safetensors").is_file()
+
+
+def test_a_claim_true_for_some_checkpoints_says_for_which():
+    from expo_eval.demo.report import verdict
+
+    assert verdict([True, True], ["10%", "20%"]) == "holds"
+    assert verdict([False, True, False], ["10%", "20%", "40%"]) == "holds for 20% only (1 of 3)"
+    assert verdict([False, None], ["10%", "20%"]) == "does not hold"

@@ -216,3 +216,64 @@ def test_full_disk_message():
     assert run.describe(error) == (
         "/out/model.safetensors: no space left on device; the previous output (if any) is untouched"
     )
+
+
+def test_a_project_folder_with_a_config_json_is_not_a_model_to_replace(family, tmp_path):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text('{"lr": 1}')
+    (project / "src" / "train.py").write_text("x = 1\n")
+    before = digest(project)
+    result = mergekit_yaml(expo_recipe(family), tmp_path, project)
+    assert_clean_failure(result, "holds files that are not a model")
+    assert digest(project) == before
+
+
+def test_the_current_folder_is_refused_before_merging(family, tmp_path):
+    here = tmp_path / "here"
+    here.mkdir()
+    result = mergekit_yaml(expo_recipe(family), tmp_path, ".", cwd=here)
+    assert_clean_failure(result, "the current folder")
+
+
+def test_an_alpha_beyond_float32_is_refused(family, tmp_path):
+    result = mergekit_yaml(expo_recipe(family, alpha=1.0e39), tmp_path, tmp_path / "out")
+    assert_clean_failure(result, "float32")
+
+
+def test_a_partial_folder_left_by_kill_9_is_removed_by_the_next_merge(family, tmp_path):
+    stale = tmp_path / ".out.expo-partial-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    mergekit_yaml(expo_recipe(family), tmp_path, tmp_path / "out")
+    assert not stale.exists() and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_sigterm_leaves_the_previous_output_and_no_partial_folder(family, tmp_path):
+    out = tmp_path / "out"
+    mergekit_yaml(expo_recipe(family, alpha=0.3), tmp_path, out)
+    before = digest(out)
+    path = write_recipe(tmp_path / "again.yaml", expo_recipe(family, alpha=1.0))
+    process = subprocess.Popen([str(BIN / "mergekit-yaml"), str(path), str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(".expo-partial-" in p for p in os.listdir(tmp_path)):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert not leftovers(tmp_path)
+    if process.returncode != 0:  # stopped in time: the old output is untouched
+        assert digest(out) == before
+
+
+def test_a_slices_recipe_with_base_model_in_its_slice_gets_a_card(family, tmp_path):
+    recipe = {
+        "merge_method": "expo",
+        "slices": [{"sources": [{"model": str(family["sft"]), "layer_range": [0, 2]},
+                                {"model": str(family["dpo"]), "layer_range": [0, 2]}],
+                    "base_model": str(family["sft"])}],
+        "parameters": {"alpha": 0.3},
+        "dtype": "bfloat16",
+    }
+    result = mergekit_yaml(recipe, tmp_path, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ExPO" in (tmp_path / "out" / "README.md").read_text()

@@ -237,3 +237,62 @@ def test_a_prompt_longer_than_the_context_is_refused(folder, tmp_path):
     long = [{"role": "user", "content": " ".join(["the"] * 300)}]  # the tiny model has 256 positions
     with pytest.raises(BackendError, match="do not fit the model's context of 256 tokens"):
         backend.generate([long], SamplingConfig(max_new_tokens=4))
+
+
+def test_a_scorer_modules_helpers_and_constants_count(folder, tmp_path, monkeypatch):
+    module = tmp_path / "helped.py"
+    module.write_text("SCALE = 1.0\ndef helper(r):\n    return len(r)\ndef score(prompt, response):\n    return SCALE * helper(response)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = sweep_config(folder, tmp_path, reward_models=["helped:score"])
+    first, _ = run(config)
+    module.write_text(module.read_text().replace("SCALE = 1.0", "SCALE = -100.0"))
+    sys.modules.pop("helped", None)
+    again, _ = run(config)
+    assert again.chosen.scores["helped:score"].mean == -100 * first.chosen.scores["helped:score"].mean
+
+
+@pytest.mark.parametrize("value", ["0.5", True])
+def test_a_function_returning_a_string_or_bool_is_refused(folder, tmp_path, monkeypatch, value):
+    (tmp_path / "odd.py").write_text(f"def score(prompt, response):\n    return {value!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ScorerError, match="odd:score gave"):
+        run(sweep_config(folder, tmp_path, reward_models=["odd:score"]))
+
+
+def test_scorer_objects_without_a_fingerprint_are_never_cached(folder, tmp_path):
+    config = sweep_config(folder, tmp_path, reward_models=["judge"])
+    first, _ = run(config, scorers=[Scorer("judge", 1.0)])
+    again, _ = run(config, scorers=[Scorer("judge", -1.0)])
+    assert (first.chosen.scores["judge"].mean, again.chosen.scores["judge"].mean) == (1.0, -1.0)
+
+
+def test_a_rerun_removes_the_old_report_first_and_records_inputs_last(folder, tmp_path):
+    config = sweep_config(folder, tmp_path)
+    run(config)
+    assert (config.out / "results.json").exists()
+
+    class Dies(FakeBackend):
+        def generate(self, prompts, sampling):
+            raise KeyboardInterrupt
+
+    weights = folder / "dpo" / "model.safetensors"
+    state = {k: v + 1e-2 if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(KeyboardInterrupt):
+        run(config, Dies())
+    assert not (config.out / "results.json").exists() and not (config.out / "best.yaml").exists()
+    manifest = json.loads((config.out / "cache" / "inputs.json").read_text())
+    assert manifest != Sweep(config, backend=FakeBackend()).inputs  # still the finished run's inputs
+
+
+def test_a_reward_model_without_a_chat_template_is_refused_before_generating(folder, tmp_path):
+    rm = build_reward_model(str(tmp_path / "rm"))
+    config_path = tmp_path / "rm" / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config.pop("chat_template", None)
+    config_path.write_text(json.dumps(tokenizer_config))
+    (tmp_path / "rm" / "chat_template.jinja").unlink(missing_ok=True)
+    backend = FakeBackend()
+    with pytest.raises(ScorerError, match="no chat template"):
+        run(sweep_config(folder, tmp_path, reward_models=[rm]), backend)
+    assert backend.generated == []

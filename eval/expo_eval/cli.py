@@ -145,6 +145,8 @@ def _describe(error: ValidationError, config_file: Optional[str]) -> str:
         label = f"--{name.replace('_', '-')} ({where})" if name else where
         if name == "reward_models":
             label = f"--reward-model ({where})"
+        if name == "search_range":
+            label = f"--search ({where})"
         lines.append(f"{label}: {problem['msg']}")
     return "\n".join(lines)
 

@@ -70,15 +70,16 @@ def model_fingerprint(spec: str) -> str:
 
 
 def function_fingerprint(spec: str) -> str:
-    """A `module:function` scorer by its source code (its module's, when it has none)."""
+    """A `module:function` scorer by its whole module's source (its helpers and constants
+    too; modules it imports are not followed)."""
     import importlib
 
-    module_name, _, attribute = spec.partition(":")
+    module_name, _, _ = spec.partition(":")
     module = importlib.import_module(module_name)
     try:
-        source = inspect.getsource(getattr(module, attribute))
-    except (OSError, TypeError, AttributeError):
         source = inspect.getsource(module)
+    except (OSError, TypeError):  # a compiled or built-in module
+        source = f"{module_name} {getattr(module, '__version__', '')} {getattr(module, '__file__', '')}"
     return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 

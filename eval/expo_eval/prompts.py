@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -39,8 +40,17 @@ def _from_row(row: dict) -> Optional[Prompt]:
                 f"a message's content must be a string, got {type(users[0]['content']).__name__} "
                 "(multi-part content is not supported)"
             )
-        # Dataset conversations end with the reference answer: keep the first user turn.
-        return make_prompt([{"role": "user", "content": users[0]["content"]}]) if users else None
+        # Dataset conversations end with the reference answer: keep the first user turn,
+        # and a system turn before it.
+        if not users:
+            return None
+        first = row["messages"][0]
+        system = (
+            [{"role": "system", "content": first["content"]}]
+            if isinstance(first, dict) and first.get("role") == "system" and isinstance(first.get("content"), str)
+            else []
+        )
+        return make_prompt(system + [{"role": "user", "content": users[0]["content"]}])
     for field in ("prompt", "instruction"):
         if isinstance(row.get(field), str) and row[field].strip():
             return make_prompt([{"role": "user", "content": row[field]}])
@@ -55,19 +65,26 @@ def load_prompts(spec: str, limit: Optional[int] = None) -> List[Prompt]:
         raise
     except Exception as error:  # the Hub unreachable, a dataset that does not exist ...
         raise PromptError(f"{spec}: cannot load the prompts ({type(error).__name__}: {error})") from None
-    prompts, seen = [], set()
+    prompts, seen, skipped = [], set(), []
     for number, row in rows:
         try:
             prompt = _from_row(row) if isinstance(row, dict) else None
         except ValueError as error:
             raise PromptError(f"{spec}:{number}: {error}") from None
-        if prompt is not None and prompt.id not in seen:
+        if prompt is None:
+            skipped.append(number)
+        elif prompt.id not in seen:
             seen.add(prompt.id)
             prompts.append(prompt)
     if not prompts:
         raise PromptError(
             f"{spec}: no usable prompts in {len(rows)} rows (need a non-empty `prompt` "
             "or `instruction` string, or a `messages` list with a user turn)"
+        )
+    if skipped:
+        logging.getLogger("expo_eval").warning(
+            "%s: skipped %d row(s) without a usable prompt (rows %s)", spec, len(skipped),
+            ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else ""),
         )
     return prompts[:limit] if limit else prompts
 

@@ -311,6 +311,11 @@ def write_plots(
         write_atomic(out_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120))
 
 
+# Every file write_report writes: a sweep removes them when it starts.
+REPORT_FILES = ("results.json", "results.csv", "best.yaml", "card_table.md",
+                "reward_vs_alpha.png", "reward_distributions.png", "reward_vs_kl.png")
+
+
 def write_report(
     out_dir: Path,
     results: List[CandidateResult],

@@ -28,6 +28,8 @@ class Scorer(Protocol):
 def check_scores(name: str, values, prompts: Sequence[Prompt]) -> List[float]:
     """The scores as floats, or ScorerError naming the scorer and the first bad prompt:
     NaN, an infinity, None, a string, or a count that does not match."""
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # numpy array, tensor
+        values = values.tolist()
     values = list(values) if isinstance(values, (list, tuple)) else values
     if not isinstance(values, list) or len(values) != len(prompts):
         count = len(values) if isinstance(values, list) else type(values).__name__
@@ -50,12 +52,16 @@ def check_scorer(spec: str) -> None:
     if FUNCTION_SPEC.match(spec):
         FunctionScorer(spec)
         return
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(spec)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as error:
-        raise ScorerError(f"reward model {spec}: cannot be loaded ({str(error).splitlines()[0]})") from None
+        where = "no such folder, and not a Hub ID that resolves" if not os.path.exists(spec) else str(error).splitlines()[0]
+        raise ScorerError(f"reward model {spec}: cannot be loaded ({where})") from None
+    if tokenizer.chat_template is None:
+        raise ScorerError(f"{spec}: the reward model's tokenizer has no chat template")
     if getattr(config, "num_labels", None) != 1:
         raise ScorerError(
             f"{spec}: not a scalar reward model (sequence classifier with {config.num_labels} labels; need 1)"
@@ -120,8 +126,9 @@ class FunctionScorer:
         except (ImportError, AttributeError) as error:
             raise ScorerError(f"scorer {spec}: {error}") from None
 
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> List[float]:
-        return [float(self.function(p.text, r)) for p, r in zip(prompts, responses)]
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list:
+        """The function's values as it returns them (check_scores decides what is a number)."""
+        return [self.function(p.text, r) for p, r in zip(prompts, responses)]
 
 
 class RewardModelScorer:

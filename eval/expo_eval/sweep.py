@@ -105,16 +105,27 @@ class Sweep:
         if self.chat_template is not None:
             inputs[f"chat template ({self.config.chat_template})"] = text_fingerprint(self.chat_template)
         for name in self.config.reward_models:
-            fingerprint = function_fingerprint(name) if FUNCTION_SPEC.match(name) else model_fingerprint(name)
+            if name in self._given_scorers:  # an object passed in: its own fingerprint, or no cache
+                fingerprint = getattr(self._given_scorers[name], "fingerprint", None)
+            elif FUNCTION_SPEC.match(name):
+                fingerprint = function_fingerprint(name)
+            else:
+                fingerprint = model_fingerprint(name)
             inputs[f"scorer {name}"] = fingerprint
         return inputs
 
     def _note_changed_inputs(self) -> None:
-        """One line per input that changed since the last sweep into this folder."""
-        manifest = self.cache / "inputs.json"
-        for name in describe_changes(read_manifest(manifest), self.inputs):
+        """One line per input that changed since the last finished sweep into this folder."""
+        for name in describe_changes(read_manifest(self.cache / "inputs.json"), self.inputs):
             LOG.warning("%s changed since the last sweep in %s: its results are redone", name, self.config.out)
-        write_text(manifest, json.dumps(self.inputs, indent=2) + "\n")
+
+    def _remove_old_report(self) -> None:
+        """An earlier sweep's report must not look like this one's while it runs (or if it
+        is killed): it is written again at the end, from the cache."""
+        from expo_eval.report import REPORT_FILES
+
+        for name in REPORT_FILES:
+            (self.config.out / name).unlink(missing_ok=True)
 
     def _prompt_splits(self) -> Dict[Split, List[Prompt]]:
         config = self.config
@@ -200,7 +211,7 @@ class Sweep:
         if problem is None:
             return rows
         LOG.warning("Discarding damaged cache entry %s (%s); generating it again", path, problem)
-        path.unlink(missing_ok=True)
+        _remove(path)
         return None
 
     def _generate(self, alpha: Optional[float], split: Split) -> List[Generation]:
@@ -288,13 +299,15 @@ class Sweep:
     def _score(self, alpha: Optional[float], split: Split, rows: List[Generation]) -> None:
         prompts = {p.id: p for p in self.splits[split]}
         for name in self.config.reward_models:
+            cacheable = self.inputs[f"scorer {name}"] is not None
             path = self.score_path(alpha, split, name)
-            values = self._cached_scores(path, len(rows)) if path.exists() else None
+            values = self._cached_scores(path, len(rows)) if cacheable and path.exists() else None
             if values is None:
                 ordered = [prompts[r.prompt_id] for r in rows]
-                scorer = self.scorer(name)
                 started = time.perf_counter()
                 try:
+                    scorer = self.scorer(name)
+                    started = time.perf_counter()
                     values = scorer.score(ordered, [r.response for r in rows])
                 except ScorerError:
                     raise
@@ -302,7 +315,8 @@ class Sweep:
                     raise ScorerError(f"scorer {name} failed on {label(alpha)}: {type(error).__name__}: {error}") from error
                 self.score_seconds[(alpha, split)] = self.score_seconds.get((alpha, split), 0.0) + time.perf_counter() - started
                 values = check_scores(name, values, ordered)  # before anything is cached
-                write_text(path, json.dumps(values))
+                if cacheable:
+                    write_text(path, json.dumps(values))
             for row, value in zip(rows, values):
                 row.scores[name] = value
 
@@ -317,8 +331,8 @@ class Sweep:
             valid = False
         if valid:
             return values
-        LOG.warning("Discarding damaged cache entry %s; scoring again", path)
-        path.unlink(missing_ok=True)
+        LOG.warning("Discarding damaged cache entry %s; computing it again", path)
+        _remove(path)
         return None
 
     def evaluate(self, alpha: Optional[float], split: Split) -> CandidateResult:
@@ -364,6 +378,7 @@ class Sweep:
     def _run_locked(self, print_table, write_report) -> SweepOutcome:
         config = self.config
         self._note_changed_inputs()
+        self._remove_old_report()
         for name in config.reward_models:  # before the first generation, not after it
             self.check_scorer(name)
         try:
@@ -397,6 +412,7 @@ class Sweep:
                 stale.unlink()
         timing = {"startup_s": self.startup_seconds}
         write_report(config.out, results, chosen, self.recipe_text, config.selector, flags, self.generations, timing)
+        write_text(self.cache / "inputs.json", json.dumps(self.inputs, indent=2) + "\n")  # what this result used
         print_table(results, chosen, config.selector)
         return self._outcome(results, chosen, flags)
 
@@ -445,6 +461,15 @@ class Sweep:
             reused=self.outcome_counts["reused"],
             generations=self.generations,
         )
+
+
+def _remove(path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _kl(rows: List[Generation]) -> dict:

@@ -69,11 +69,13 @@ def better(a: CandidateResult, b: CandidateResult, scorer: str) -> Optional[bool
     return None if abs(diff) <= SIGNIFICANCE * stderr else diff > 0
 
 
-def verdict(flags: List[Optional[bool]]) -> str:
+def verdict(flags: List[Optional[bool]], names: List[str]) -> str:
+    """"holds" only when it holds for everything the claim speaks of; else for which it does."""
     if flags and all(flags):
         return "holds"
-    if any(flags):
-        return "partly holds"
+    held = [name for name, flag in zip(names, flags) if flag]
+    if held:
+        return f"holds for {', '.join(held)} only ({len(held)} of {len(flags)})"
     return "does not hold"
 
 
@@ -152,7 +154,7 @@ def claim_rise_and_collapse(checkpoints: List[Checkpoint]) -> Tuple[str, List[st
         collapsed = [r.alpha for r in curve if r.collapsed]
         marked = f"marked collapsed from alpha {min(collapsed):g} on" if collapsed else "no alpha marked collapsed"
         lines.append(f"{c.title}: {reward}; {truth}; {marked}.")
-    return verdict(flags), lines
+    return verdict(flags, [c.name for c in checkpoints]), lines
 
 
 def non_increasing(values: List[float]) -> bool:
@@ -170,7 +172,7 @@ def claim_alpha_shrinks(checkpoints: List[Checkpoint]) -> Tuple[str, List[str]]:
         "chosen by the ground truth: " + ", ".join(f"{c.name} {c.alpha_gt:g}" for c in checkpoints)
         + (" (shrinks)" if flags[1] else " (does not shrink steadily)"),
     ]
-    return verdict(flags), lines
+    return verdict(flags, ["the reward model's choice", "the ground truth's choice"]), lines
 
 
 REWARD_MODEL = "reward model"  # stands for the run's reward model folder in the claim checks
@@ -193,7 +195,7 @@ def improves(by: str, scorer: str):
             alpha, name = picked(c, by), scorer_of(c, scorer)
             flags.append(better(c.test(alpha), c.test(0.0), name) is True)
             lines.append(f"{c.title}: alpha {alpha:g} against alpha 0: {compared(c.test(alpha), c.test(0.0), name)}")
-        return verdict(flags), lines
+        return verdict(flags, [c.name for c in checkpoints]), lines
 
     return check
 
@@ -212,10 +214,11 @@ def rivals_full(by: str, scorer: str):
 
     def check(checkpoints: List[Checkpoint]) -> Tuple[str, List[str]]:
         full = max(checkpoints, key=lambda c: c.fraction)
-        lines, flags = [], []
+        lines, flags, names = [], [], []
         for c in checkpoints:
             if c is full:
                 continue
+            names.append(c.name)
             alpha = picked(c, by)
             flags.append(better(c.test(alpha), full.test(0.0), scorer) is not False)
             lines.append(
@@ -225,7 +228,7 @@ def rivals_full(by: str, scorer: str):
             gap = full.test(0.0).score(scorer) - c.test(0.0).score(scorer)
             if gap > 0:
                 lines[-1] += "; " + gap_text((c.test(alpha).score(scorer) - c.test(0.0).score(scorer)) / gap)
-        return ("holds" if any(flags) else "does not hold"), lines
+        return verdict(flags, names), lines
 
     return check
 
