@@ -293,7 +293,10 @@ def _merge(run, merge_config, out: Path, options, config_source: Optional[str]) 
         with stats.observing() as collector, compat.merge_errors() as errors:
             run(merge_config, str(partial), inner_options, config_source)
         if errors:
-            raise ValueError("mergekit reported an error: " + "; ".join(errors))
+            raise ValueError(
+                "the merge failed: mergekit logged an error it carries on from (its own text may "
+                "call the merge successful; here nothing was written to the output): " + "; ".join(errors)
+            )
         if copies_tokenizer(merge_config, options):
             check_copies(compat.donor_folder(merge_config, options), partial)
         summary = collector.summary()

@@ -38,7 +38,9 @@ class Backend(Protocol):
         """Release the model (and the engine's processes and GPU memory)."""
 
 
-def check_context(prompt_ids: Sequence[List[int]], context: Optional[int], max_new_tokens: int) -> None:
+def check_context(
+    prompt_ids: Sequence[List[int]], context: Optional[int], max_new_tokens: int, prompts: Sequence[Messages] = ()
+) -> None:
     """A prompt that does not fit the model's context is refused (never silently cut);
     one that leaves less room than max_new_tokens gets a warning (its response is capped)."""
     if not context:
@@ -46,9 +48,10 @@ def check_context(prompt_ids: Sequence[List[int]], context: Optional[int], max_n
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) >= context]
     if too_long:
         first = too_long[0]
+        text = prompts[first][-1]["content"][:60] if len(prompts) > first else ""
         raise BackendError(
             f"{len(too_long)} prompt(s) do not fit the model's context of {context} tokens "
-            f"(prompt #{first + 1} has {len(prompt_ids[first])}): shorten or drop them"
+            f"(the first, {text!r}..., has {len(prompt_ids[first])}): shorten or drop them"
         )
     capped = sum(len(ids) + max_new_tokens > context for ids in prompt_ids)
     if capped:

@@ -124,7 +124,7 @@ class TransformersBackend:
         )
         completions: List[Completion] = []
         rendered = [self.render(m) for m in prompts]
-        check_context(rendered, getattr(self.model.config, "max_position_embeddings", None), sampling.max_new_tokens)
+        check_context(rendered, getattr(self.model.config, "max_position_embeddings", None), sampling.max_new_tokens, prompts)
         for start in tqdm(range(0, len(prompts), sampling.batch_size), desc="generating", unit="batch", leave=False):
             torch.manual_seed(generator_seed + start)
             encoded = rendered[start : start + sampling.batch_size]

@@ -240,7 +240,7 @@ class VLLMBackend:
             render_prompt(self.tokenizer, messages, self.chat_template) for messages in prompts
         ]
         context = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
-        check_context([r["prompt_token_ids"] for r in requests], context, sampling.max_new_tokens)
+        check_context([r["prompt_token_ids"] for r in requests], context, sampling.max_new_tokens, prompts)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [completion(output, self.tokenizer) for output in outputs]
 
