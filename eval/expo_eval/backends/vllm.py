@@ -1,4 +1,4 @@
-"""Optional vLLM backend: one engine for the whole sweep, weights swapped inside its workers.
+"""Optional vLLM backend: one engine per sweep phase, weights swapped inside its workers.
 
 vLLM's public API does the work: `LLM(worker_extension_cls=...)` adds our methods to
 every worker, `LLM.collective_rpc` calls them by name. That works under vLLM's default
@@ -194,7 +194,7 @@ class ExpoWorkerExtension:
 
 
 class VLLMBackend:
-    """One `vllm.LLM` for the whole sweep; each candidate is a weight swap in its workers.
+    """One `vllm.LLM` for a sweep phase; each candidate is a weight swap in its workers.
 
     model_path gives the architecture, tokenizer and starting weights (the aligned
     model will do); dtype "auto" means the recipe's output dtype. `llm_options` go
