@@ -26,13 +26,13 @@ def check_alpha(alpha: float) -> float:
         raise ValueError(f"alpha must be a number (got {alpha!r}){hint}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha must be a number (got {alpha!r})")
-    if abs(alpha) > FLOAT32_MAX:
-        raise ValueError(f"alpha must fit the float32 arithmetic of the merge (|alpha| <= {FLOAT32_MAX:.3g}), got {alpha}")
     if not math.isfinite(alpha) or alpha <= -1:
         raise ValueError(
             f"alpha must be a finite number greater than -1 (got {alpha}): "
             "alpha <= -1 moves past the SFT model theta0"
         )
+    if alpha > FLOAT32_MAX:
+        raise ValueError(f"alpha must fit the float32 arithmetic of the merge (alpha <= {FLOAT32_MAX:.3g}), got {alpha}")
     return alpha
 
 
