@@ -121,6 +121,8 @@ def test_results_csv(report):
         "mean_tokens",
         "length_cut_share",
         "repetition",
+        "kl",
+        "kl_stderr",
         "collapsed",
         "collapse_reasons",
         "timing:generate_s",
