@@ -154,7 +154,7 @@ def claim_rise_and_collapse(checkpoints: List[Checkpoint]) -> Tuple[str, List[st
         collapsed = [r.alpha for r in curve if r.collapsed]
         marked = f"marked collapsed from alpha {min(collapsed):g} on" if collapsed else "no alpha marked collapsed"
         lines.append(f"{c.title}: {reward}; {truth}; {marked}.")
-    return verdict(flags, [c.name for c in checkpoints]), lines
+    return verdict(flags, [c.title for c in checkpoints]), lines
 
 
 def non_increasing(values: List[float]) -> bool:
@@ -195,7 +195,7 @@ def improves(by: str, scorer: str):
             alpha, name = picked(c, by), scorer_of(c, scorer)
             flags.append(better(c.test(alpha), c.test(0.0), name) is True)
             lines.append(f"{c.title}: alpha {alpha:g} against alpha 0: {compared(c.test(alpha), c.test(0.0), name)}")
-        return verdict(flags, [c.name for c in checkpoints]), lines
+        return verdict(flags, [c.title for c in checkpoints]), lines
 
     return check
 
@@ -218,7 +218,7 @@ def rivals_full(by: str, scorer: str):
         for c in checkpoints:
             if c is full:
                 continue
-            names.append(c.name)
+            names.append(c.title)
             alpha = picked(c, by)
             flags.append(better(c.test(alpha), full.test(0.0), scorer) is not False)
             lines.append(
