@@ -112,17 +112,30 @@ def test_a_retrained_reward_model_is_rescored_not_regenerated(folder, tmp_path):
     )
 
 
-def test_an_edited_scorer_function_is_rescored(folder, tmp_path, monkeypatch):
-    module = tmp_path / "my_rewards.py"
-    module.write_text("def score(prompt, response):\n    return 1.0\n")
+EDITS = {
+    "the function itself": ("def score(prompt, response):\n    return 1.0\n", "return 1.0", "return 2.0", 2.0),
+    "its helper's constant": (
+        "SCALE = 1.0\ndef helper(r):\n    return len(r)\ndef score(prompt, response):\n    return SCALE * helper(response)\n",
+        "SCALE = 1.0", "SCALE = -100.0", -100.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=list(EDITS))
+def test_an_edited_scorer_module_is_rescored_not_regenerated(folder, tmp_path, monkeypatch, edit):
+    source, old, new, factor = EDITS[edit]
+    module = tmp_path / "edited_rewards.py"
+    module.write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = sweep_config(folder, tmp_path, reward_models=["my_rewards:score"])
+    monkeypatch.delitem(sys.modules, "edited_rewards", raising=False)  # another case's module
+    config = sweep_config(folder, tmp_path, reward_models=["edited_rewards:score"])
     first, _ = run(config)
-    assert first.chosen.scores["my_rewards:score"].mean == 1.0
-    module.write_text("def score(prompt, response):\n    return 2.0\n")
-    sys.modules.pop("my_rewards", None)
+    module.write_text(source.replace(old, new))
+    sys.modules.pop("edited_rewards", None)
     again, _ = run(config)
-    assert again.generated == 0 and again.chosen.scores["my_rewards:score"].mean == 2.0
+    assert again.generated == 0
+    name = "edited_rewards:score"
+    assert again.chosen.scores[name].mean == factor * first.chosen.scores[name].mean
 
 
 def damage_jsonl_missing_line(path):
@@ -237,18 +250,6 @@ def test_a_prompt_longer_than_the_context_is_refused(folder, tmp_path):
     long = [{"role": "user", "content": " ".join(["the"] * 300)}]  # the tiny model has 256 positions
     with pytest.raises(BackendError, match="do not fit the model's context of 256 tokens"):
         backend.generate([long], SamplingConfig(max_new_tokens=4))
-
-
-def test_a_scorer_modules_helpers_and_constants_count(folder, tmp_path, monkeypatch):
-    module = tmp_path / "helped.py"
-    module.write_text("SCALE = 1.0\ndef helper(r):\n    return len(r)\ndef score(prompt, response):\n    return SCALE * helper(response)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    config = sweep_config(folder, tmp_path, reward_models=["helped:score"])
-    first, _ = run(config)
-    module.write_text(module.read_text().replace("SCALE = 1.0", "SCALE = -100.0"))
-    sys.modules.pop("helped", None)
-    again, _ = run(config)
-    assert again.chosen.scores["helped:score"].mean == -100 * first.chosen.scores["helped:score"].mean
 
 
 @pytest.mark.parametrize("value", ["0.5", True])
