@@ -4,10 +4,11 @@ Built offline: a model counts as a Hub ID only when it is not a local path and
 looks like `owner/name`; the Hub is never asked.
 """
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Union
 
 import yaml
 from mergekit.config import MergeConfiguration
+from pydantic import BaseModel, ValidationError
 
 from mergekit_expo import advice, stats
 from mergekit_expo.compat import CARD_TEMPLATE, ModelReference
@@ -36,6 +37,7 @@ theta1 the aligned model{plural}.
 - alpha: {alpha}
 - Output dtype: {out_dtype} (computed in float32, rounded once)
 {alpha_table}
+{sweep}
 {change_table}
 ### Citation
 
@@ -71,6 +73,7 @@ def expo_card(
         out_dtype=config.out_dtype or config.dtype or "as stored",
         change_table=_change_table(summary),
         alpha_table=_alpha_table(summary),
+        sweep=sweep_section(config_yaml, config.parameters or {}),
         bibtex=BIBTEX,
     )
     body = CARD_TEMPLATE.format(
@@ -147,3 +150,74 @@ def _alpha_table(summary: Optional[stats.Summary]) -> str:
         f"| {kind} | {a:g} | {b:g} |" for kind, (a, b) in summary.alphas.items()
     )
     return f"\n| module | min alpha | max alpha |\n|---|---|---|\n{rows}\n"
+
+
+class SweepRow(BaseModel):
+    """One candidate of a sweep, as best.yaml's `expo_sweep` record holds it."""
+
+    model_config = {"extra": "allow"}  # one [mean, stderr] pair per scorer, by name
+    candidate: str
+    n: int
+    kl: Optional[float] = None
+    selection_value: Optional[float] = None
+    collapsed: bool = False
+
+
+class SweepRecord(BaseModel):
+    """What `mergekit-expo sweep` writes under `expo_sweep` in best.yaml (mergekit ignores the key)."""
+
+    results: str
+    results_sha256: str
+    rule: str
+    rule_description: str
+    scorers: List[str]
+    alphas: List[float]
+    chosen_alpha: float
+    select: List[SweepRow]
+    held_out: List[SweepRow] = []
+
+
+def sweep_section(config_yaml: str, parameters: Dict[str, object]) -> str:
+    """How alpha was chosen, when the recipe is a sweep's best.yaml: from the record it carries,
+    so the card needs neither the sweep folder nor its results file."""
+    try:
+        raw = (yaml.safe_load(config_yaml) or {}).get("expo_sweep")
+    except (yaml.YAMLError, AttributeError):
+        return ""
+    if raw is None:
+        return ""
+    try:
+        record = SweepRecord.model_validate(raw)
+    except ValidationError as error:
+        return f"\n> The recipe's `expo_sweep` record could not be read ({error.error_count()} problems), so how alpha was chosen is not stated.\n"
+    lines = [
+        "### How alpha was chosen\n",
+        f"`mergekit-expo sweep` chose alpha = {record.chosen_alpha:g} among {', '.join(f'{a:g}' for a in record.alphas)} "
+        f"with the rule {record.rule_description}; scorers: {', '.join(f'`{s}`' for s in record.scorers)}. "
+        f"Sweep results: `{record.results}` (sha256 {record.results_sha256[:16]}).",
+    ]
+    alpha = parameters.get("alpha")
+    if alpha != record.chosen_alpha:
+        lines.append(f"\n> **Note:** this merge uses alpha = {alpha}, not the {record.chosen_alpha:g} the sweep chose.")
+    lines += ["", *_sweep_table("Select prompts (alpha was chosen here)", record.select, record.scorers, True)]
+    if record.held_out:
+        lines += ["", *_sweep_table("Held-out prompts", record.held_out, record.scorers, False)]
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_table(title: str, rows: List[SweepRow], scorers: List[str], select: bool) -> List[str]:
+    header = ["candidate", *scorers] + (["KL (nats)", "rule value", "collapsed"] if select else [])
+    lines = [f"{title}, mean ± standard error over {rows[0].n if rows else 0} prompts:", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.candidate, *(_mean_stderr((row.model_extra or {}).get(name)) for name in scorers)]
+        if select:
+            cells += [_number(row.kl, ".3g"), _number(row.selection_value, ".4g"), "yes" if row.collapsed else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mean_stderr(pair: Union[List[float], None]) -> str:
+    if isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair):
+        return f"{pair[0]:.4g} ± {pair[1]:.2g}"
+    return "n/a"

@@ -39,7 +39,7 @@ def tiny_models(out_dir: str, seed: int, scale: float) -> None:
     help="Output dtype to measure the rounding loss for (repeatable).",
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all figures here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Per-layer PNG ([plot] extra).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Per-layer PNG.")
 def inspect_pair_command(sft, aligned, alphas, dtypes, json_path, plot_path) -> None:
     """How far ALIGNED moved from SFT (paper, Table 1), and what each dtype keeps.
 
@@ -48,7 +48,7 @@ def inspect_pair_command(sft, aligned, alphas, dtypes, json_path, plot_path) -> 
     import sys
 
     from mergekit_expo.diagnostics import InspectError, inspect_pair
-    from mergekit_expo.plot import PlotUnavailable, plot_layers, require_matplotlib
+    from mergekit_expo.plot import plot_layers
     from mergekit_expo.report import print_report
 
     from mergekit_expo.rules import check_alpha
@@ -59,13 +59,11 @@ def inspect_pair_command(sft, aligned, alphas, dtypes, json_path, plot_path) -> 
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--alpha") from None
     try:
-        if plot_path:
-            require_matplotlib()  # fail before the long part
         report = inspect_pair(sft, aligned, alphas, dtypes, progress=sys.stderr.isatty())
         print_report(report)
         if json_path:
             report.write_json(json_path)
         if plot_path:
             plot_layers(report, plot_path)
-    except (InspectError, PlotUnavailable) as error:
+    except InspectError as error:
         raise click.ClickException(str(error)) from None

@@ -1,4 +1,4 @@
-"""Per-layer plot (PNG) for `mergekit-expo inspect --plot`; needs the [plot] extra."""
+"""Per-layer plot (PNG) for `mergekit-expo inspect --plot`."""
 
 from typing import Dict, Tuple
 
@@ -7,24 +7,6 @@ from mergekit_expo.diagnostics import Report
 from mergekit_expo.stats import Change, layer_index, module_kind
 
 KINDS = ("attention", "mlp", "norm")
-
-
-class PlotUnavailable(RuntimeError):
-    pass
-
-
-def require_matplotlib():
-    """pyplot on a file-only backend; a clear error without the [plot] extra."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise PlotUnavailable(
-            "--plot needs matplotlib: pip install 'mergekit-expo[plot]'"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def by_layer_and_kind(report: Report) -> Dict[Tuple[int, str], Change]:
@@ -40,10 +22,12 @@ def by_layer_and_kind(report: Report) -> Dict[Tuple[int, str], Change]:
 def plot_layers(report: Report, path: str) -> None:
     """Normalized ||delta|| per layer and module kind, and the share of alpha * delta
     each output dtype keeps, per layer."""
-    plt = require_matplotlib()
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
     layers = report.summary.layers
     groups = by_layer_and_kind(report)
-    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 7))
+    figure = Figure(figsize=(8, 7))
+    top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(list(layers), [c.normalized_frobenius for c in layers.values()], "k-", label="all")
     for kind in KINDS:
         points = [(i, groups[(i, kind)].normalized_frobenius) for i in layers if (i, kind) in groups]
@@ -67,4 +51,3 @@ def plot_layers(report: Report, path: str) -> None:
     figure.suptitle(f"{report.aligned} vs {report.sft}", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)

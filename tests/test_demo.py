@@ -168,14 +168,16 @@ def test_quick_run_sweeps_every_checkpoint(quick):
         results = json.loads((sweep / "results.json").read_text())
         assert results["selector"] == str(out / "reward_model")
         summary = json.loads((sweep / "demo.json").read_text())
-        assert summary["alpha_by_reward_model"] == results["chosen_alpha"]
+        assert results["selection"]["rule"] == "kl-bound"
+        assert summary["alphas"]["kl-bound"] == results["chosen_alpha"]
+        assert set(summary["alphas"]) == {"kl-bound", "reward-max", "kl-penalty", "one-se", "oracle"}
         evaluated = {(r["alpha"], r["split"]) for r in summary["results"]}
         alphas = {0.0, 0.5, 2.0, 8.0}
         assert {(a, "select") for a in alphas} <= evaluated
-        for alpha in (0.0, summary["alpha_by_reward_model"], summary["alpha_by_ground_truth"]):
+        for alpha in (0.0, *summary["alphas"].values()):
             assert (alpha, "report") in evaluated
         assert all(set(r["scores"]) == {str(out / "reward_model"), GT} for r in summary["results"])
-        for alpha in (0.0, summary["alpha_by_reward_model"], summary["alpha_by_ground_truth"]):
+        for alpha in (0.0, *summary["alphas"].values()):
             assert len(summary["examples"][f"{alpha:g}"]) == 4
     first = json.loads((out / "sweeps" / "p10" / "demo.json").read_text())
     assert {(None, "select"), (None, "report")} <= {(r["alpha"], r["split"]) for r in first["results"]}
@@ -184,14 +186,17 @@ def test_quick_run_sweeps_every_checkpoint(quick):
 def test_quick_run_report(quick):
     out = quick["out"]
     report = (out / "report.md").read_text()
-    expected = ("| model |", "SFT", "DPO 10%", "DPO 100%", "alpha by RM", "alpha by truth", "paper's claims", "## Examples")
+    expected = ("| model |", "SFT", "DPO 10%", "DPO 100%", "alpha by RM", "alpha by kl-bound", "alpha by truth",
+                "paper's claims", "## Examples", "each rule against the ground truth")
     for text in (*expected, "Stage timings"):
         assert text in report, text
     for name in ("reward_vs_alpha.png", "length_vs_alpha.png"):
         assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{name}" in report
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["table"]) == 1 + 3 * len(CHECKPOINTS)
+    assert len(summary["table"]) == 1 + 4 * len(CHECKPOINTS)
+    assert len(summary["selection"]["rows"]) == len(CHECKPOINTS)  # one seed in --quick
+    assert summary["selection"]["outcomes"]["oracle"]["within_one_se_of_oracle"] == len(CHECKPOINTS)
     verdicts = {c["verdict"] for c in summary["claims"]}
     assert summary["claims"] and all(
         v in ("holds", "does not hold", "seen", "not seen") or v.startswith("holds for ") for v in verdicts
@@ -229,3 +234,41 @@ def test_a_claim_true_for_some_checkpoints_says_for_which():
     assert verdict([True, True], ["10%", "20%"]) == "holds"
     assert verdict([False, True, False], ["10%", "20%", "40%"]) == "holds for 20% only (1 of 3)"
     assert verdict([False, None], ["10%", "20%"]) == "does not hold"
+
+
+def test_rule_evidence_over_seeds_counts_misses_and_falls():
+    """The evidence table's verdicts from hand-made checkpoints: two seeds, one checkpoint each."""
+    from expo_eval.demo.report import Checkpoint, evidence_lines, rule_outcomes
+    from expo_eval.records import CandidateResult, ScoreStats
+
+    def result(alpha, truth):
+        stats = {GT: ScoreStats(mean=truth, median=truth, stderr=0.05), "rm": ScoreStats(mean=1, median=1, stderr=0.05)}
+        return CandidateResult(alpha=alpha, label=f"alpha={alpha:g}", split="report", n=100, scores=stats,
+                               mean_tokens=10, length_cut_share=0, repetition=0).model_dump(mode="json")
+
+    def checkpoint(seed, alphas, truths):
+        summary = {"checkpoint": "p10", "fraction": 0.1, "seed": seed, "alphas": alphas, "flags": [],
+                   "results": [result(a, t) for a, t in truths.items()]}
+        return Checkpoint(summary, "rm")
+
+    rules = {"kl-bound": 1.0, "reward-max": 8.0, "kl-penalty": 8.0, "one-se": 1.0, "oracle": 2.0}
+    runs = [
+        [checkpoint(0, rules, {0.0: 0.3, 1.0: 0.4, 2.0: 0.42, 8.0: -0.8})],  # kl-bound within noise of 2
+        [checkpoint(1, {**rules, "kl-bound": 0.0}, {0.0: 0.3, 1.0: 0.5, 2.0: 0.7, 8.0: 0.1})],  # kl-bound misses
+    ]
+    outcomes = rule_outcomes(runs)
+    assert outcomes["reward-max"]["below_alpha_0"] == 2 and outcomes["reward-max"]["within_one_se_of_oracle"] == 0
+    assert outcomes["kl-bound"]["below_alpha_0"] == 0 and outcomes["kl-bound"]["within_one_se_of_oracle"] == 1
+    assert outcomes["kl-bound"]["misses"] == [
+        "seed 1, DPO 10% of an epoch: alpha 0, 0.40 below the oracle's alpha 2 (± 0.07)"
+    ]
+    text = "\n".join(evidence_lines(runs, outcomes))
+    assert "does not meet the goal" in text and "| `reward-max` | 2 of 2 | 0 of 2 |" in text
+
+
+def test_further_seeds_have_their_own_folders(tmp_path):
+    from expo_eval.demo.pipeline import run_demo, seed_layouts
+
+    assert [l.root for l in seed_layouts(tmp_path, [3, 0, 7])] == [tmp_path, tmp_path / "seeds" / "0", tmp_path / "seeds" / "7"]
+    with pytest.raises(ValueError, match="distinct seeds"):
+        run_demo(tmp_path, seeds=[1, 1])

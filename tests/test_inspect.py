@@ -120,19 +120,6 @@ def test_cli_writes_json_and_plot(family, tmp_path):
     assert (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_plot_without_matplotlib_is_a_clear_error(family, tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from mergekit_expo.cli import main
-
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    result = CliRunner().invoke(
-        main, ["inspect", str(family["sft"]), str(family["dpo"]), "--plot", str(tmp_path / "p.png")]
-    )
-    assert result.exit_code != 0
-    assert "pip install 'mergekit-expo[plot]'" in result.output
-
-
 def assert_cli_fails(sft, aligned, *messages):
     result = run_cli("mergekit-expo", "inspect", sft, aligned, check=False)
     assert result.returncode != 0

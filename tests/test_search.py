@@ -14,9 +14,11 @@ from expo_eval.search import (
     reward_hacking_flags,
     search_alphas,
 )
+from expo_eval.selection import Selection
 
 RM = "rm"
 N = 100
+PAPER = Selection(RM, "reward-max")
 
 
 def candidate(alpha, means, split="select", stderr=0.05, cut=0.0, rep=0.02, tokens=100.0):
@@ -59,18 +61,18 @@ def test_finished_model_grid_finds_the_peak():
     """The paper's grid for fully trained models: 0.1..0.5 in 0.1 steps, then bisection."""
     config = SearchConfig(low=0.1, high=0.5, coarse_points=5, refine_rounds=2, min_step=0.05)
     evaluate = Recorder(peak_at(0.3))
-    results = search_alphas(evaluate, config, RM)
+    results = search_alphas(evaluate, config, PAPER, BASELINE)
     assert [r.alpha for r in results] == sorted(evaluate.calls)
     assert evaluate.calls[:5] == [0.1, 0.2, 0.3, 0.4, 0.5]
-    assert choose_alpha(results, RM).alpha == pytest.approx(0.3, abs=config.min_step)
+    assert choose_alpha(results, PAPER).alpha == pytest.approx(0.3, abs=config.min_step)
 
 
 def test_under_trained_model_bisects_to_the_peak():
     """Appendix B, 20% of DPO steps: coarse points around 2 and 4, bisection lands on 2.5."""
     config = SearchConfig(low=1.0, high=4.0, coarse_points=4, refine_rounds=3, min_step=0.25)
     evaluate = Recorder(peak_at(2.5))
-    results = search_alphas(evaluate, config, RM)
-    assert choose_alpha(results, RM).alpha == pytest.approx(2.5, abs=config.min_step)
+    results = search_alphas(evaluate, config, PAPER, BASELINE)
+    assert choose_alpha(results, PAPER).alpha == pytest.approx(2.5, abs=config.min_step)
     alphas = sorted(evaluate.calls)
     assert min(b - a for a, b in zip(alphas, alphas[1:])) >= config.min_step - 1e-12
     assert len(set(evaluate.calls)) == len(evaluate.calls)
@@ -79,7 +81,7 @@ def test_under_trained_model_bisects_to_the_peak():
 def test_no_alpha_beyond_a_collapsed_one_is_evaluated():
     config = SearchConfig(low=0.1, high=1.0, coarse_points=10, refine_rounds=3, min_step=0.05)
     evaluate = Recorder(lambda alpha: 1.0 + alpha, collapse_at=0.45)
-    results = search_alphas(evaluate, config, RM)
+    results = search_alphas(evaluate, config, PAPER, BASELINE)
     ceiling = math.inf
     for alpha in evaluate.calls:
         assert alpha < ceiling, f"{alpha} evaluated after alpha={ceiling} collapsed"
@@ -87,13 +89,13 @@ def test_no_alpha_beyond_a_collapsed_one_is_evaluated():
             ceiling = min(ceiling, alpha)
     assert max(evaluate.calls) == 0.5  # the coarse walk stops at the first collapsed point
     assert {r.alpha for r in results if r.collapsed} == {0.45, 0.5}
-    assert choose_alpha(results, RM).alpha == 0.4
+    assert choose_alpha(results, PAPER).alpha == 0.4
 
 
 def test_all_collapsed_stops_without_refinement():
     config = SearchConfig(low=0.1, high=0.5, coarse_points=5, refine_rounds=2)
     evaluate = Recorder(peak_at(0.3), collapse_at=0.0)
-    assert [r.alpha for r in search_alphas(evaluate, config, RM)] == [0.1]
+    assert [r.alpha for r in search_alphas(evaluate, config, PAPER, BASELINE)] == [0.1]
 
 
 def test_coarse_grid_has_round_alphas():
@@ -108,7 +110,7 @@ def test_coarse_grid_has_round_alphas():
 
 def test_search_range_must_be_positive():
     with pytest.raises(ValueError, match="0 < low < high"):
-        search_alphas(Recorder(peak_at(0.3)), SearchConfig(low=0.0, high=0.5), RM)
+        search_alphas(Recorder(peak_at(0.3)), SearchConfig(low=0.0, high=0.5), PAPER, BASELINE)
 
 
 def test_repetition():
@@ -173,10 +175,10 @@ def test_choose_alpha_skips_collapsed_and_prefers_smaller_alpha_on_ties():
         candidate(0.4, 3.0).model_copy(update={"collapsed": True}),
         candidate(0.3, 9.0, split="report"),
     ]
-    assert choose_alpha(results, RM).alpha == 0.2
-    assert choose_alpha([BASELINE, candidate(0.2, 0.5)], RM).alpha == 0.0
+    assert choose_alpha(results, PAPER).alpha == 0.2
+    assert choose_alpha([BASELINE, candidate(0.2, 0.5)], PAPER).alpha == 0.0
     with pytest.raises(ValueError):
-        choose_alpha([candidate(0.2, 1.0).model_copy(update={"collapsed": True})], RM)
+        choose_alpha([candidate(0.2, 1.0).model_copy(update={"collapsed": True})], PAPER)
 
 
 def sweep(rm_gain, other_gain, split="report"):
@@ -192,7 +194,7 @@ def sweep(rm_gain, other_gain, split="report"):
 
 def test_hacking_flag_fires_when_the_other_scorer_falls():
     results = sweep(rm_gain=0.5, other_gain=-0.4)
-    chosen = choose_alpha(results, RM)
+    chosen = choose_alpha(results, PAPER)
     flags = reward_hacking_flags(results, chosen, RM)
     assert len(flags) == 1
     assert "other falls" in flags[0] and "report split" in flags[0]
@@ -200,7 +202,7 @@ def test_hacking_flag_fires_when_the_other_scorer_falls():
 
 def test_hacking_flag_uses_the_select_split_without_a_report_split():
     results = sweep(rm_gain=0.5, other_gain=-0.4, split="select")
-    flags = reward_hacking_flags(results, choose_alpha(results, RM), RM)
+    flags = reward_hacking_flags(results, choose_alpha(results, PAPER), RM)
     assert len(flags) == 1 and "select split" in flags[0]
 
 
@@ -216,4 +218,4 @@ def test_no_hacking_flag_otherwise(rm_gain, other_gain):
 
 def test_no_hacking_flag_when_alpha_zero_is_chosen():
     results = sweep(rm_gain=-0.5, other_gain=-0.4)
-    assert reward_hacking_flags(results, choose_alpha(results, RM), RM) == []
+    assert reward_hacking_flags(results, choose_alpha(results, PAPER), RM) == []

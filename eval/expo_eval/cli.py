@@ -177,7 +177,7 @@ def sweep(recipe, config_file, **flags):
         click.echo(f"Nothing generated: all {outcome.reused} candidate runs came from {config.out / 'cache'}.")
     else:
         click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused} from the cache.")
-    click.echo(f"Chosen alpha: {outcome.chosen.alpha:g} (by {config.selector}); results in {config.out}")
+    click.echo(f"Chosen alpha: {outcome.chosen.alpha:g} (rule {config.select} on {config.selector}); results in {config.out}")
     for flag in outcome.flags:
         click.echo(f"Warning: {flag}", err=True)
 
@@ -186,25 +186,28 @@ def sweep(recipe, config_file, **flags):
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact: models, recipes, sweeps, report.md.")
 @click.option("--quick", is_flag=True, help="Shrink everything (about a minute; for tests): the numbers mean nothing.")
 @click.option("--force", is_flag=True, help="Redo every stage, even those finished in DIR before.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, training and initialization.")
-def demo(out, quick, force, seed):
+@click.option("--seeds", type=CommaList(int, metavar="SEED,..."), default=None, help="Seeds of data, training and sampling, one full run each (default: 0,1,2; --quick: 0).")
+def demo(out, quick, force, seeds):
     """Offline end-to-end demo: the paper's Table 2 experiment in miniature (needs the [demo] extra).
 
     Trains a tiny SFT model, a reward model and DPO checkpoints at 10/20/40/100% of
     an epoch with TRL, sweeps alpha for each with `mergekit-expo sweep`'s code, and
-    writes DIR/report.md. Finished stages are reused on the next run.
+    writes DIR/report.md; each further seed repeats it under DIR/seeds/SEED, and the
+    report measures the selection rules over all of them. Finished stages are reused.
     """
     import importlib.util
     import logging
 
     if importlib.util.find_spec("trl") is None:
         raise click.ClickException("the demo trains with TRL: pip install 'mergekit-expo[demo]'")
-    from expo_eval.demo.pipeline import FULL, QUICK, run_demo
+    from expo_eval.demo.pipeline import FULL, FULL_SEEDS, QUICK, run_demo
     from expo_eval.demo.report import print_summary
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = (QUICK if quick else FULL).model_copy(update={"seed": seed})
-    summary = run_demo(Path(out), settings, force=force, echo=click.echo)
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"each seed once, got {seeds}", param_hint="--seeds")
+    seeds = seeds or ((0,) if quick else FULL_SEEDS)
+    summary = run_demo(Path(out), QUICK if quick else FULL, seeds=seeds, force=force, echo=click.echo)
     print_summary(summary, echo=click.echo)
     click.echo(f"Report: {Path(out) / 'report.md'}")
 

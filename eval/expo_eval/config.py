@@ -7,6 +7,7 @@ from typing import List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
 
+from expo_eval.selection import DEFAULT_REWARD_ACCURACY, Rule, Selection
 from mergekit_expo.rules import check_alpha
 
 
@@ -99,6 +100,17 @@ class SweepConfig(BaseModel):
         min_length=1, description="Reward model folder or Hub ID, or module:function. Repeatable; the first chooses alpha."
     )
     select_with: Optional[str] = Field(None, description="Which reward model chooses alpha.")
+    select: Rule = Field(
+        "kl-bound",
+        description="How alpha is chosen: kl-bound (reward less what its errors could gain at the candidate's KL "
+        "from theta0) or reward-max (the paper's highest mean reward).",
+    )
+    reward_accuracy: float = Field(
+        DEFAULT_REWARD_ACCURACY,
+        ge=0.5,
+        le=1,
+        description="The choosing reward model's pairwise accuracy on held-out preferences (kl-bound's error scale).",
+    )
     include_sft: bool = Field(False, description="Also evaluate the SFT model (theta0).")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Generation backend.")
     device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when available).")
@@ -173,3 +185,7 @@ class SweepConfig(BaseModel):
     def selector(self) -> str:
         """The scorer that chooses alpha: `select_with`, else the first reward model."""
         return self.select_with or self.reward_models[0]
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(self.selector, self.select, self.reward_accuracy)

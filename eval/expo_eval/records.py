@@ -44,6 +44,8 @@ class CandidateResult(BaseModel):
     # KL(candidate || theta0) in nats per response, estimated on the candidate's own samples
     kl: Optional[float] = None
     kl_stderr: Optional[float] = None
+    # what the selection rule maximized (expo_eval.selection); select-split alphas only
+    selection_value: Optional[float] = None
     timing: Dict[str, float] = Field(default_factory=dict)
     collapsed: bool = False
     collapse_reasons: List[str] = Field(default_factory=list)

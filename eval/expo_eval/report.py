@@ -5,9 +5,10 @@ because the selecting reward model is being optimized against.
 """
 
 import csv
+import hashlib
 import io
 import json
-import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
@@ -15,11 +16,11 @@ import yaml
 
 from expo_eval.files import write_atomic, write_text
 from expo_eval.records import CandidateResult, Generation
+from expo_eval.selection import Selection
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-log = logging.getLogger(__name__)
 
 # Bumped when a key of results.json changes meaning or disappears.
 SCHEMA_VERSION = 1
@@ -46,14 +47,20 @@ def scorers(results: List[CandidateResult], selector: str) -> List[str]:
 def results_document(
     results: List[CandidateResult],
     chosen: CandidateResult,
-    selector: str,
+    selection: Selection,
     flags: List[str],
     timing: Optional[dict] = None,
 ) -> dict:
     """timing: the sweep's own costs apart from any candidate (model or engine start-up)."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "selector": selector,
+        "selector": selection.scorer,
+        "selection": {
+            "rule": selection.rule,
+            "scorer": selection.scorer,
+            "reward_accuracy": selection.reward_accuracy,
+            "description": selection.describe(),
+        },
         "chosen_alpha": chosen.alpha,
         "chosen_label": chosen.label,
         "flags": list(flags),
@@ -62,13 +69,15 @@ def results_document(
     }
 
 
-def results_csv(results: List[CandidateResult], selector: str) -> str:
-    """One row per candidate and split; scorer statistics flattened to `<scorer>:<stat>`."""
-    names = scorers(results, selector)
+def results_csv(results: List[CandidateResult], selection: Selection) -> str:
+    """One row per candidate and split; scorer statistics flattened to `<scorer>:<stat>`;
+    `selection_value` is what the rule in `select_rule` maximized."""
+    names = scorers(results, selection.scorer)
     timings = list(dict.fromkeys(key for r in results for key in r.timing))
     header = ["alpha", "label", "split", "n"]
     header += [f"{name}:{stat}" for name in names for stat in STAT_FIELDS]
-    header += ["mean_tokens", "length_cut_share", "repetition", "kl", "kl_stderr", "collapsed", "collapse_reasons"]
+    header += ["mean_tokens", "length_cut_share", "repetition", "kl", "kl_stderr", "select_rule", "selection_value"]
+    header += ["collapsed", "collapse_reasons"]
     header += [f"timing:{key}" for key in timings]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -78,7 +87,8 @@ def results_csv(results: List[CandidateResult], selector: str) -> str:
         for name in names:
             stats = r.scores.get(name)
             row += [_blank(getattr(stats, stat, None)) for stat in STAT_FIELDS]
-        row += [r.mean_tokens, r.length_cut_share, r.repetition, _blank(r.kl), _blank(r.kl_stderr), r.collapsed]
+        row += [r.mean_tokens, r.length_cut_share, r.repetition, _blank(r.kl), _blank(r.kl_stderr), selection.rule]
+        row += [_blank(r.selection_value), r.collapsed]
         row += ["; ".join(r.collapse_reasons)]
         row += [_blank(r.timing.get(key)) for key in timings]
         writer.writerow(row)
@@ -89,20 +99,55 @@ def _blank(value):
     return "" if value is None else value
 
 
-def best_recipe(recipe_text: str, chosen: CandidateResult, selector: str) -> str:
+def _rounded(value: Optional[float]) -> Optional[float]:
+    return None if value is None else float(f"{value:.4g}")
+
+
+def sweep_record(
+    results: List[CandidateResult], chosen: CandidateResult, selection: Selection, results_path: Path, results_text: str
+) -> dict:
+    """How alpha was chosen, compact enough for best.yaml, so the card of a merge of it can
+    say so without the sweep folder (the results file is named, with its hash, for provenance)."""
+    names = scorers(results, selection.scorer)
+
+    def row(r: CandidateResult) -> dict:
+        entry = {"candidate": r.label, "n": r.n}
+        entry.update({name: [_rounded(r.scores[name].mean), _rounded(r.scores[name].stderr)] for name in names if name in r.scores})
+        if r.split == "select":
+            entry.update(kl=_rounded(r.kl), selection_value=_rounded(r.selection_value), collapsed=r.collapsed)
+        return entry
+
+    split = card_split(results)
+    return {
+        "results": str(results_path.resolve()),
+        "results_sha256": hashlib.sha256(results_text.encode()).hexdigest(),
+        "rule": selection.rule,
+        "rule_description": selection.describe(),
+        "scorers": names,
+        "alphas": [r.alpha for r in _alpha_series(results, "select")],
+        "chosen_alpha": chosen.alpha,
+        "select": [row(r) for r in ordered(results) if r.split == "select"],
+        "held_out": [row(r) for r in ordered(results) if r.split == split] if split == "report" else [],
+    }
+
+
+def best_recipe(recipe_text: str, chosen: CandidateResult, selection: Selection, record: Optional[dict] = None) -> str:
     """The swept recipe with `parameters.alpha` set to the chosen alpha, ready for mergekit-yaml.
 
     The sweep evaluated one alpha for every tensor, so a per-module alpha list in the
     recipe is replaced by that scalar: the file is what was measured. Comments of the
-    original recipe do not survive the YAML round trip.
+    original recipe do not survive the YAML round trip. `record` (sweep_record) goes under
+    the top-level key `expo_sweep`, which mergekit ignores and the `expo` card reads.
     """
     recipe = yaml.safe_load(recipe_text)
     recipe["parameters"] = {**(recipe.get("parameters") or {}), "alpha": chosen.alpha}
-    stats = chosen.scores[selector]
+    if record is not None:
+        recipe["expo_sweep"] = record
+    stats = chosen.scores[selection.scorer]
     header = [
-        f"# alpha = {chosen.alpha:g}, chosen by the expo_eval sweep (selector {selector}: "
-        f"mean {stats.mean:.4g} ± {stats.stderr:.2g} on {chosen.n} {chosen.split} prompts),",
-        "# the best mean among the alphas that did not collapse. The rest is the swept recipe.",
+        f"# alpha = {chosen.alpha:g}, chosen by the expo_eval sweep with the rule {selection.describe()}",
+        f"# ({selection.scorer}: mean {stats.mean:.4g} ± {stats.stderr:.2g} on {chosen.n} {chosen.split} prompts),",
+        "# the best value among the alphas that did not collapse. The rest is the swept recipe.",
     ]
     if chosen.alpha == 0:
         header.append("# alpha = 0 is the aligned model itself: extrapolation did not help here.")
@@ -119,16 +164,17 @@ def card_split(results: List[CandidateResult]) -> str:
     return "report" if any(r.split == "report" for r in results) else "select"
 
 
-def card_table(results: List[CandidateResult], chosen: CandidateResult, selector: str) -> str:
+def card_table(results: List[CandidateResult], chosen: CandidateResult, selection: Selection) -> str:
     """A Markdown table for the model card, one row per candidate."""
+    selector = selection.scorer
     split = card_split(results)
     rows = [r for r in ordered(results) if r.split == split]
     names = scorers(rows, selector)
     header = ["candidate", *(f"{name} (mean ± stderr)" for name in names)]
     header += ["mean tokens", "cut by length", "collapsed"]
     lines = [
-        f"Scores on the {split} prompts ({rows[0].n if rows else 0}); alpha chosen by "
-        f"{selector} on the select prompts. Bold: the chosen alpha.",
+        f"Scores on the {split} prompts ({rows[0].n if rows else 0}); alpha chosen on the select "
+        f"prompts by the rule {selection.describe()}. Bold: the chosen alpha.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -294,13 +340,7 @@ def write_plots(
     selector: str,
     generations: Dict[str, List[Generation]],
 ) -> None:
-    """reward_vs_alpha.png, reward_distributions.png and reward_vs_kl.png; skipped when
-    matplotlib is absent."""
-    try:
-        import matplotlib  # noqa: F401  (optional extra: mergekit-expo[plot])
-    except ImportError:
-        log.warning("matplotlib is not installed, so no plots: pip install 'mergekit-expo[plot]'")
-        return
+    """reward_vs_alpha.png, reward_distributions.png and reward_vs_kl.png."""
     figures = {
         "reward_vs_alpha.png": reward_figure(results, chosen, selector),
         "reward_distributions.png": distribution_figure(results, chosen, selector, generations),
@@ -311,9 +351,34 @@ def write_plots(
         write_atomic(out_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120))
 
 
-# Every file write_report writes: a sweep removes them when it starts.
+def alpaca_eval_outputs(rows: List[Generation], generator: str) -> str:
+    """alpaca_eval's model_outputs format: `alpaca_eval --model_outputs FILE` reads it as is."""
+    outputs = [{"instruction": g.prompt, "output": g.response, "generator": generator} for g in rows]
+    return json.dumps(outputs, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_alpaca_eval(
+    out_dir: Path, results: List[CandidateResult], chosen: CandidateResult, generations: Dict[str, List[Generation]]
+) -> None:
+    """alpaca_eval/<label>.json for alpha = 0 and the chosen alpha, on the held-out prompts
+    where there are some (the select prompts otherwise)."""
+    split = card_split(results)
+    for label in dict.fromkeys(["alpha=0", chosen.label]):
+        rows = [g for g in generations.get(label, []) if g.split == split]
+        if rows:
+            write_text(out_dir / ALPACA_EVAL_DIR / f"{label}.json", alpaca_eval_outputs(rows, f"expo-{label}"))
+
+
+# Everything write_report writes: a sweep removes them when it starts.
+ALPACA_EVAL_DIR = "alpaca_eval"
 REPORT_FILES = ("results.json", "results.csv", "best.yaml", "card_table.md",
                 "reward_vs_alpha.png", "reward_distributions.png", "reward_vs_kl.png")
+
+
+def remove_report(out_dir: Path) -> None:
+    for name in REPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / ALPACA_EVAL_DIR, ignore_errors=True)
 
 
 def write_report(
@@ -321,20 +386,22 @@ def write_report(
     results: List[CandidateResult],
     chosen: CandidateResult,
     recipe_text: str,
-    selector: str,
+    selection: Selection,
     flags: List[str],
     generations: Dict[str, List[Generation]],
     timing: Optional[dict] = None,
 ) -> None:
-    """results.json, results.csv, best.yaml, card_table.md and the plots, each atomically."""
+    """results.json, results.csv, best.yaml, card_table.md, alpaca_eval/ and the plots, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    document = results_document(results, chosen, selector, flags, timing)
-    write_text(out_dir / "results.json", json.dumps(document, indent=2) + "\n")
-    write_text(out_dir / "results.csv", results_csv(results, selector))
-    write_text(out_dir / "best.yaml", best_recipe(recipe_text, chosen, selector))
-    write_text(out_dir / "card_table.md", card_table(results, chosen, selector))
-    write_plots(out_dir, results, chosen, selector, generations)
+    document = json.dumps(results_document(results, chosen, selection, flags, timing), indent=2) + "\n"
+    write_text(out_dir / "results.json", document)
+    write_text(out_dir / "results.csv", results_csv(results, selection))
+    record = sweep_record(results, chosen, selection, out_dir / "results.json", document)
+    write_text(out_dir / "best.yaml", best_recipe(recipe_text, chosen, selection, record))
+    write_text(out_dir / "card_table.md", card_table(results, chosen, selection))
+    write_alpaca_eval(out_dir, results, chosen, generations)
+    write_plots(out_dir, results, chosen, selection.scorer, generations)
 
 
 def _status(result: CandidateResult, is_chosen: bool) -> str:
@@ -348,15 +415,16 @@ def _status(result: CandidateResult, is_chosen: bool) -> str:
 def print_table(
     results: List[CandidateResult],
     chosen: CandidateResult,
-    selector: str,
+    selection: Selection,
     console: Optional["Console"] = None,
 ) -> None:
     """The sweep at a glance: the chosen alpha in bold green, collapsed rows in red."""
     from rich.console import Console
     from rich.table import Table
 
+    selector = selection.scorer
     names = scorers(results, selector)
-    table = Table(title=f"ExPO sweep: {selector} chooses {chosen.label}")
+    table = Table(title=f"ExPO sweep: {selection.rule} on {selector} chooses {chosen.label}")
     for column in (
         "candidate",
         "split",
@@ -367,6 +435,7 @@ def print_table(
         "cut",
         "repetition",
         "KL (nats)",
+        selection.rule,
         "status",
     ):
         table.add_column(
@@ -385,6 +454,7 @@ def print_table(
             f"{r.length_cut_share:.0%}",
             f"{r.repetition:.2f}",
             "" if r.kl is None else f"{r.kl:.3g}",
+            "" if r.selection_value is None else f"{r.selection_value:.3f}",
             _status(r, is_chosen),
             style="red" if r.collapsed else "bold green" if is_chosen else None,
         )

@@ -1,4 +1,4 @@
-"""Choosing alpha: collapse detection, the paper's grid-then-bisect search, hacking flags.
+"""Searching alpha: collapse detection, the paper's grid-then-bisect search, hacking flags.
 
 Past its optimum ExPO does not degrade gently: the first-order approximation breaks,
 reward drops sharply and responses get long, repetitive or never end (Zheng et al.,
@@ -11,6 +11,7 @@ from typing import Callable, Dict, List
 
 from expo_eval.config import SearchConfig
 from expo_eval.records import CandidateResult, ScoreStats
+from expo_eval.selection import Selection, baseline_of
 
 # Collapse thresholds, all relative to alpha = 0 (theta1) on the same prompts.
 # A quarter of the prompts newly running into the length limit: the paper's "never emits
@@ -106,11 +107,6 @@ def mark_collapse(
     return candidate.model_copy(update={"collapsed": bool(reasons), "collapse_reasons": reasons})
 
 
-def _best(results: List[CandidateResult], selector: str) -> CandidateResult:
-    """Highest selector mean; ties go to the smaller alpha, the smaller step from theta1."""
-    return max(results, key=lambda r: (r.score(selector), -r.alpha))
-
-
 def coarse_grid(config: SearchConfig) -> List[float]:
     """`coarse_points` alphas evenly spaced over [low, high]."""
     step = (config.high - config.low) / (config.coarse_points - 1)
@@ -122,8 +118,10 @@ def _collapse_ceiling(results: Dict[float, CandidateResult]) -> float:
     return min((alpha for alpha, r in results.items() if r.collapsed), default=math.inf)
 
 
-def bisection_points(results: List[CandidateResult], selector: str, min_step: float) -> List[float]:
-    """Midpoints between the best healthy alpha and its evaluated neighbours.
+def bisection_points(
+    results: List[CandidateResult], selection: Selection, baseline: CandidateResult, min_step: float
+) -> List[float]:
+    """Midpoints between the best healthy alpha (by the selection rule) and its evaluated neighbours.
 
     A midpoint is proposed only when it lies at least `min_step` from both ends,
     so refinement stops by itself once the grid is fine enough.
@@ -133,7 +131,7 @@ def bisection_points(results: List[CandidateResult], selector: str, min_step: fl
     if not healthy:
         return []
     alphas = [r.alpha for r in ordered]
-    best = _best(healthy, selector).alpha
+    best = selection.best(healthy, baseline).alpha
     index = alphas.index(best)
     neighbours = [alphas[i] for i in (index - 1, index + 1) if 0 <= i < len(alphas)]
     tolerance = min_step * 1e-9
@@ -145,14 +143,18 @@ def bisection_points(results: List[CandidateResult], selector: str, min_step: fl
 
 
 def search_alphas(
-    evaluate: Callable[[float], CandidateResult], config: SearchConfig, selector: str
+    evaluate: Callable[[float], CandidateResult],
+    config: SearchConfig,
+    selection: Selection,
+    baseline: CandidateResult,
 ) -> List[CandidateResult]:
     """The paper's Appendix B search: a coarse grid, then bisection around the best alpha.
 
     The grid is walked upwards and abandoned at the first collapsed alpha: larger
     ones only collapse harder and cost the most (every response runs to the length
-    limit). `evaluate` returns results with collapse already marked; alpha = 0 is
-    the sweep's, not the search's. Returns every evaluated result, by alpha.
+    limit). `evaluate` returns results with collapse (and, for the kl-bound rule, KL)
+    already marked; alpha = 0 is the sweep's (`baseline`), not the search's. Returns
+    every evaluated result, by alpha.
     """
     if not 0 < config.low < config.high:
         raise ValueError(f"search needs 0 < low < high, got [{config.low}, {config.high}]")
@@ -162,7 +164,7 @@ def search_alphas(
         if results[alpha].collapsed:
             break
     for _ in range(config.refine_rounds):
-        proposals = bisection_points(list(results.values()), selector, config.min_step)
+        proposals = bisection_points(list(results.values()), selection, baseline, config.min_step)
         if not proposals:
             break
         for alpha in proposals:
@@ -171,8 +173,8 @@ def search_alphas(
     return [results[alpha] for alpha in sorted(results)]
 
 
-def choose_alpha(results: List[CandidateResult], selector: str) -> CandidateResult:
-    """The select-split candidate with the best selector mean that did not collapse.
+def choose_alpha(results: List[CandidateResult], selection: Selection) -> CandidateResult:
+    """The select-split candidate the selection rule rates highest, among those that did not collapse.
 
     alpha = 0 (theta1 itself) competes, so a sweep where extrapolation does not help
     chooses theta1; the SFT model (alpha None) is a reference, never a choice.
@@ -182,7 +184,7 @@ def choose_alpha(results: List[CandidateResult], selector: str) -> CandidateResu
     ]
     if not eligible:
         raise ValueError("no candidate on the select split is left after collapse detection")
-    return _best(eligible, selector)
+    return selection.best(eligible, baseline_of(results))
 
 
 def reward_hacking_flags(

@@ -32,6 +32,7 @@ from expo_eval.fingerprint import (
 from expo_eval.lock import SweepLock
 from expo_eval.prompts import Prompt, load_prompts, split_prompts
 from expo_eval.records import CandidateResult, Generation, ScoreStats, Split
+from expo_eval.report import print_table, remove_report, write_report
 from expo_eval.scoring import FUNCTION_SPEC, Scorer, ScorerError, check_scores, load_scorer
 from expo_eval.search import (
     choose_alpha,
@@ -122,10 +123,7 @@ class Sweep:
     def _remove_old_report(self) -> None:
         """An earlier sweep's report must not look like this one's while it runs (or if it
         is killed): it is written again at the end, from the cache."""
-        from expo_eval.report import REPORT_FILES
-
-        for name in REPORT_FILES:
-            (self.config.out / name).unlink(missing_ok=True)
+        remove_report(self.config.out)
 
     def _prompt_splits(self) -> Dict[Split, List[Prompt]]:
         config = self.config
@@ -369,8 +367,6 @@ class Sweep:
     # -- the whole sweep -----------------------------------------------------------------
 
     def run(self) -> SweepOutcome:
-        from expo_eval.report import print_table, write_report
-
         config = self.config
         with SweepLock(config.out) as self._lock:
             return self._run_locked(print_table, write_report)
@@ -388,7 +384,9 @@ class Sweep:
                     return self._outcome([], None, [])
             else:
                 results = self._search()
-            chosen = choose_alpha([r for r in results if r.alpha is not None], config.selector)
+            selection = config.selection
+            results = selection.annotate(results)
+            chosen = choose_alpha(results, selection)
             reported = sorted({0.0, chosen.alpha} | ({None} if config.include_sft else set()), key=_order)
             if self.splits["report"]:
                 if not all(self._has_generation(a, "report") for a in reported):
@@ -411,9 +409,9 @@ class Sweep:
             if stale.name not in written:
                 stale.unlink()
         timing = {"startup_s": self.startup_seconds}
-        write_report(config.out, results, chosen, self.recipe_text, config.selector, flags, self.generations, timing)
+        write_report(config.out, results, chosen, self.recipe_text, selection, flags, self.generations, timing)
         write_text(self.cache / "inputs.json", json.dumps(self.inputs, indent=2) + "\n")  # what this result used
-        print_table(results, chosen, config.selector)
+        print_table(results, chosen, selection)
         return self._outcome(results, chosen, flags)
 
     def _grid(self) -> Optional[List[CandidateResult]]:
@@ -437,20 +435,22 @@ class Sweep:
         return [self.evaluate(a, "select") for a in sorted(alphas, key=_order)]
 
     def _search(self) -> List[CandidateResult]:
-        """Generation and scoring alternate: the engine leaves the reward models room."""
+        """Generation and scoring alternate: the engine leaves the reward models room. Each
+        candidate's KL is measured before it is summarized: the rule may need it to bisect."""
         from expo_eval.scoring import reward_model_bytes
 
         config = self.config
         self._reward_bytes = reward_model_bytes(config.reward_models)
-        results = [self.evaluate(0.0, "select")]
-        results += search_alphas(lambda a: self.evaluate(a, "select"), config.search, config.selector)
+
+        def evaluate(alpha: Optional[float]) -> CandidateResult:
+            self.measure_kl([alpha])
+            return self.evaluate(alpha, "select")
+
+        baseline = evaluate(0.0)
+        results = [baseline, *search_alphas(evaluate, config.search, config.selection, baseline)]
         if config.include_sft:
-            results.append(self.evaluate(None, "select"))
-        alphas = [r.alpha for r in results]
-        self.measure_kl(alphas)  # then summarize again, with the KL column
-        self._evaluated = {key: value for key, value in self._evaluated.items() if key[1] != "select"}
-        self.generations = {name: [r for r in rows if r.split != "select"] for name, rows in self.generations.items()}
-        return [self.evaluate(a, "select") for a in alphas]
+            results.append(evaluate(None))
+        return results
 
     def _outcome(self, results, chosen, flags) -> SweepOutcome:
         return SweepOutcome(

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from expo_eval.demo import report, task
+from expo_eval.demo import report, rules, task
 from expo_eval.demo.report import GROUND_TRUTH
 from expo_eval.files import write_text
 from expo_eval.sweep import digest
@@ -58,6 +58,7 @@ class DemoSettings(BaseModel):
 
 
 FULL = DemoSettings()
+FULL_SEEDS = (0, 1, 2)  # evidence on choosing alpha needs more than one training run
 QUICK = DemoSettings(
     model_size=(64, 2, 128),
     sft_examples=2000,
@@ -80,6 +81,10 @@ STAGE_FIELDS: Dict[str, Tuple[str, ...]] = {
     "sweep": ("alphas", "max_new_tokens", "sample_batch_size"),
     "report": (),
 }
+
+
+# Bumped when what a stage writes changes shape, so that an older run's output is redone, not misread.
+STAGE_VERSIONS = {"sweep": 2, "report": 2}
 
 
 def checkpoint_name(fraction: float) -> str:
@@ -127,11 +132,13 @@ class Stages:
         self.timings: Dict[str, dict] = {}
 
     def key(self, name: str, after: Sequence[str]) -> str:
-        fields = STAGE_FIELDS[name.split(":")[0]]
+        kind = name.split(":")[0]
+        fields = STAGE_FIELDS[kind]
         settings = self.settings.model_dump(mode="json")
         return digest(
             {
                 "stage": name,
+                "version": STAGE_VERSIONS.get(kind, 1),
                 "settings": {field: settings[field] for field in fields},
                 "after": [self.made[stage] for stage in after],
             }
@@ -284,35 +291,41 @@ def sweep_config(layout: Layout, settings: DemoSettings, fraction: float, includ
         reward_models=[str(layout.reward_model), GROUND_TRUTH],
         include_sft=include_sft,
         device="cpu",
-        sampling=SamplingConfig(max_new_tokens=settings.max_new_tokens, batch_size=settings.sample_batch_size),
+        sampling=SamplingConfig(
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.sample_batch_size,
+            seed=SamplingConfig().seed + settings.seed,
+        ),
     )
 
 
 def make_sweep(layout: Layout, settings: DemoSettings, fraction: float, include_sft: bool) -> None:
-    """The project's own sweep (as `mergekit-expo sweep`), then the ground truth's choice on test prompts.
+    """The project's own sweep (as `mergekit-expo sweep`, default rule), then every rule's
+    choice on the dev prompts and its test-prompt numbers.
 
-    alpha is chosen on the dev prompts by the reward model (the sweep's selector);
-    the ground truth's choice comes from the same sweep's dev results, and its
+    The sweep chooses with its default rule; the other rules (the paper's among them) and
+    the ground truth's own choice (the oracle) come from the same dev results, and their
     test-prompt numbers from the same sweep object (memoized, cached).
     """
-    from expo_eval.search import choose_alpha
     from expo_eval.sweep import Sweep
 
     write_text(layout.recipes / f"{checkpoint_name(fraction)}.yaml", recipe_text(layout, fraction))
     sweep = Sweep(sweep_config(layout, settings, fraction, include_sft))
     outcome = sweep.run()
-    dev = [r for r in outcome.results if r.split == "select" and r.alpha is not None]
-    by_truth = choose_alpha(dev, GROUND_TRUTH)
+    dev = [r for r in outcome.results if r.split == "select"]
+    alphas = rules.choices(dev, str(layout.reward_model), settings.dpo_beta)
+    assert alphas[rules.DEFAULT] == outcome.chosen.alpha, "the sweep and the demo disagree on the default rule"
     results = {(r.alpha, r.split): r for r in outcome.results}
-    results[(by_truth.alpha, "report")] = sweep.evaluate(by_truth.alpha, "report")
+    for alpha in dict.fromkeys(alphas.values()):
+        results[(alpha, "report")] = sweep.evaluate(alpha, "report")
     summary = {
         "checkpoint": checkpoint_name(fraction),
         "fraction": fraction,
-        "alpha_by_reward_model": outcome.chosen.alpha,
-        "alpha_by_ground_truth": by_truth.alpha,
+        "seed": settings.seed,
+        "alphas": alphas,
         "flags": outcome.flags,
         "results": [r.model_dump(mode="json") for r in results.values()],
-        "examples": examples(sweep, [0.0, outcome.chosen.alpha, by_truth.alpha]),
+        "examples": examples(sweep, list(dict.fromkeys([0.0, *alphas.values()]))),
     }
     write_text(layout.sweeps / checkpoint_name(fraction) / "demo.json", json.dumps(summary, indent=2) + "\n")
 
@@ -345,15 +358,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_demo(
-    out: Path,
-    settings: DemoSettings = FULL,
-    force: bool = False,
-    echo: Callable[[str], None] = print,
-) -> dict:
-    """Run (or reuse) every stage under `out`; returns the summary the report was made from."""
-    quiet_libraries()
-    layout = Layout(Path(out))
+def run_seed(layout: Layout, settings: DemoSettings, force: bool, echo: Callable[[str], None]) -> Stages:
+    """Every stage up to the sweeps for one seed, under its own folder."""
     layout.root.mkdir(parents=True, exist_ok=True)
     stages = Stages(layout, settings, force, echo)
     stages.run("task", [], [layout.task], lambda: make_task(layout, settings))
@@ -361,30 +367,58 @@ def run_demo(
     stages.run("pairs", ["sft"], [layout.pairs], lambda: make_pairs(layout, settings))
     stages.run("reward_model", ["pairs"], [layout.reward_model], lambda: make_reward_model(layout, settings))
     stages.run("dpo", ["pairs"], [layout.dpo], lambda: make_dpo(layout, settings))
-    sweeps = []
     for index, fraction in enumerate(settings.fractions):
-        name = f"sweep:{checkpoint_name(fraction)}"
         stages.run(
-            name,
+            f"sweep:{checkpoint_name(fraction)}",
             ["task", "reward_model", "dpo"],
             [layout.sweeps / checkpoint_name(fraction)],
             lambda fraction=fraction, first=index == 0: make_sweep(layout, settings, fraction, first),
         )
-        sweeps.append(name)
-    stages.run(
+    return stages
+
+
+def seed_layouts(out: Path, seeds: Sequence[int]) -> List[Layout]:
+    """The first seed's run under DIR, each further seed's under DIR/seeds/<seed>."""
+    return [Layout(out if index == 0 else out / "seeds" / str(seed)) for index, seed in enumerate(seeds)]
+
+
+def run_demo(
+    out: Path,
+    settings: DemoSettings = FULL,
+    seeds: Sequence[int] = (0,),
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Run (or reuse) every stage for every seed; returns the summary the report was made from."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"give distinct seeds, got {list(seeds)}")
+    quiet_libraries()
+    layouts = seed_layouts(Path(out), seeds)
+    runs = []
+    for layout, seed in zip(layouts, seeds):
+        if len(seeds) > 1:
+            echo(f"== seed {seed} ({layout.root})")
+        runs.append(run_seed(layout, settings.model_copy(update={"seed": seed}), force, echo))
+    first = runs[0]
+    for seed, stages in zip(seeds[1:], runs[1:]):  # the report depends on every seed's sweeps
+        first.made.update({f"seed {seed} {name}": made for name, made in stages.made.items()})
+        first.timings.update({f"seed {seed} {name}": t for name, t in stages.timings.items()})
+    sweeps = [name for name in first.made if "sweep:" in name]
+    first_settings = settings.model_copy(update={"seed": seeds[0]})
+    first.run(
         "report",
         sweeps,
-        [layout.report, layout.summary, layout.plots],
+        [layouts[0].report, layouts[0].summary, layouts[0].plots],
         lambda: report.write(
-            layout,
-            settings,
-            stages.timings,
-            load_summaries(layout, settings),
-            sweep_config(layout, settings, settings.fractions[0], include_sft=False).sampling,
+            layouts,
+            first_settings,
+            first.timings,
+            [load_summaries(layout, settings) for layout in layouts],
+            sweep_config(layouts[0], first_settings, settings.fractions[0], include_sft=False).sampling,
         ),
     )
-    summary = json.loads(layout.summary.read_text())
-    summary["timings"] = stages.timings
+    summary = json.loads(layouts[0].summary.read_text())
+    summary["timings"] = first.timings
     return summary
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 if TYPE_CHECKING:  # the pipeline calls this module; it passes what the report needs
     from expo_eval.demo.pipeline import DemoSettings, Layout
 
-GROUND_TRUTH = "expo_eval.demo.task:ground_truth"  # the task's own scorer, as a sweep names it
+from expo_eval.demo.rules import DEFAULT, DESCRIPTIONS, GROUND_TRUTH, ORACLE, PAPER_RULE
 from expo_eval.files import write_atomic, write_text
 from expo_eval.records import CandidateResult
 
@@ -28,8 +28,11 @@ class Checkpoint:
     def __init__(self, summary: dict, reward_model: str):
         self.name = summary["checkpoint"]
         self.fraction = summary["fraction"]
-        self.alpha_rm = summary["alpha_by_reward_model"]
-        self.alpha_gt = summary["alpha_by_ground_truth"]
+        self.seed = summary["seed"]
+        self.alphas: Dict[str, float] = summary["alphas"]  # by rule name
+        self.alpha_rm = self.alphas[PAPER_RULE]  # the paper's rule: the reward model's best mean
+        self.alpha_gt = self.alphas[ORACLE]
+        self.alpha_default = self.alphas[DEFAULT]
         self.flags = summary["flags"]
         self.examples = summary.get("examples", {})
         self.reward_model = reward_model
@@ -103,6 +106,7 @@ def table_rows(checkpoints: List[Checkpoint], sft: CandidateResult) -> List[Dict
         paper = PAPER.get(c.fraction, (None, None, None))
         rows.append(row(f"DPO {c.fraction:.0%}", c.test(0.0), "0", paper[0], None))
         rows.append(row("  + ExPO, alpha by RM", c.test(c.alpha_rm), f"{c.alpha_rm:g}", paper[1], paper[2]))
+        rows.append(row(f"  + ExPO, alpha by {DEFAULT}", c.test(c.alpha_default), f"{c.alpha_default:g}", None, None))
         rows.append(row("  + ExPO, alpha by truth", c.test(c.alpha_gt), f"{c.alpha_gt:g}", None, None))
     return rows
 
@@ -293,6 +297,87 @@ def claims(checkpoints: List[Checkpoint]) -> List[dict]:
     ]
 
 
+# -- choosing alpha, over seeds ----------------------------------------------------------
+
+RULE_ORDER = (DEFAULT, PAPER_RULE, "kl-penalty", "one-se", ORACLE)
+
+
+def rule_outcomes(runs: List[List[Checkpoint]]) -> Dict[str, dict]:
+    """Per rule, over every seed and checkpoint, by the ground truth on the test prompts:
+    how often its alpha fell clearly below alpha 0, how often it came within one standard
+    error of the oracle's, and how far below the oracle it was on average."""
+    outcomes = {}
+    for rule in RULE_ORDER:
+        below, within, shortfalls, misses = 0, 0, [], []
+        for checkpoints in runs:
+            for c in checkpoints:
+                pick = c.test(c.alphas[rule])
+                if better(pick, c.test(0.0), GROUND_TRUTH) is False:
+                    below += 1
+                shortfall, stderr = difference(c.test(c.alpha_gt), pick, GROUND_TRUTH)
+                if shortfall <= stderr:
+                    within += 1
+                else:
+                    misses.append(f"seed {c.seed}, {c.title}: alpha {c.alphas[rule]:g}, {shortfall:.2f} below the oracle's alpha {c.alpha_gt:g} (± {stderr:.2f})")
+                shortfalls.append(shortfall)
+        outcomes[rule] = {
+            "cases": len(shortfalls),
+            "below_alpha_0": below,
+            "within_one_se_of_oracle": within,
+            "mean_shortfall": sum(shortfalls) / len(shortfalls),
+            "misses": misses,
+        }
+    return outcomes
+
+
+def evidence_rows(runs: List[List[Checkpoint]]) -> List[Dict[str, str]]:
+    """One row per seed and checkpoint: the ground truth on test prompts at each rule's alpha."""
+    rows = []
+    for checkpoints in runs:
+        for c in checkpoints:
+            row = {"seed": str(c.seed), "checkpoint": c.title, "alpha 0": _truth(c, 0.0)}
+            for rule in RULE_ORDER:
+                row[rule] = f"{c.alphas[rule]:g}: {_truth(c, c.alphas[rule])}"
+            rows.append(row)
+    return rows
+
+
+def _truth(c: Checkpoint, alpha: float) -> str:
+    result = c.test(alpha)
+    return f"{result.score(GROUND_TRUTH):.2f} ± {result.scores[GROUND_TRUTH].stderr:.2f}"
+
+
+def evidence_lines(runs: List[List[Checkpoint]], outcomes: Dict[str, dict]) -> List[str]:
+    seeds = ", ".join(str(checkpoints[0].seed) for checkpoints in runs)
+    lines = [
+        "## Choosing alpha: each rule against the ground truth, over seeds",
+        "",
+        f"Seeds {seeds}: each seed trains its own SFT model, reward model and DPO checkpoints and samples "
+        "with its own stream. Every rule chooses on the dev prompts from the same sweep; each cell is "
+        "`alpha: ground truth on the test prompts` (mean ± standard error). The rules:",
+        "",
+        *(f"- `{rule}`: {DESCRIPTIONS[rule]}" for rule in RULE_ORDER),
+        "",
+        markdown_table(evidence_rows(runs)),
+        f"Goal for the default: never below alpha 0 by more than noise ({SIGNIFICANCE:g} standard errors of "
+        "the difference), and within one standard error (of the difference) of the oracle.",
+        "",
+        "| rule | clearly below alpha 0 | within one SE of the oracle | mean shortfall from the oracle |",
+        "|---|---|---|---|",
+    ]
+    for rule in RULE_ORDER:
+        o = outcomes[rule]
+        lines.append(
+            f"| `{rule}` | {o['below_alpha_0']} of {o['cases']} | {o['within_one_se_of_oracle']} of {o['cases']} "
+            f"| {o['mean_shortfall']:.3f} |"
+        )
+    default = outcomes[DEFAULT]
+    met = default["below_alpha_0"] == 0 and not default["misses"]
+    lines += ["", f"The default `{DEFAULT}` {'meets' if met else 'does not meet'} the goal here."]
+    lines += [f"- missed: {miss}" for miss in default["misses"]]
+    return [*lines, ""]
+
+
 # -- plots -----------------------------------------------------------------------------
 
 
@@ -307,7 +392,7 @@ def figure(checkpoints: List[Checkpoint], sft_dev: CandidateResult, panels):
             curve = c.dev_curve()
             xs, ys = [r.alpha for r in curve], [value(r) for r in curve]
             (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=c.title)
-            for alpha, marker, size in ((c.alpha_rm, "*", 180), (c.alpha_gt, "D", 60)):
+            for alpha, marker, size in ((c.alpha_rm, "*", 180), (c.alpha_default, "s", 70), (c.alpha_gt, "D", 60)):
                 chosen = next(r for r in curve if r.alpha == alpha)
                 ax.scatter([alpha], [value(chosen)], marker=marker, s=size, color=line.get_color(), zorder=3)
         ax.axhline(value(sft_dev), color="grey", linestyle=":", label="SFT")
@@ -318,7 +403,8 @@ def figure(checkpoints: List[Checkpoint], sft_dev: CandidateResult, panels):
         ax.set_ylabel(label)
         if limits:
             ax.set_ylim(*limits[0])
-    axes[0].scatter([], [], marker="*", s=120, color="black", label="alpha chosen by reward model")
+    axes[0].scatter([], [], marker="*", s=120, color="black", label="alpha chosen by reward model (paper)")
+    axes[0].scatter([], [], marker="s", s=50, color="black", label=f"alpha chosen by {DEFAULT} (default)")
     axes[0].scatter([], [], marker="D", s=40, color="black", label="alpha chosen by ground truth")
     axes[0].legend(fontsize="small")
     fig.suptitle("ExPO on DPO checkpoints (dev prompts)")
@@ -326,10 +412,6 @@ def figure(checkpoints: List[Checkpoint], sft_dev: CandidateResult, panels):
 
 
 def write_plots(layout: "Layout", checkpoints: List[Checkpoint], sft_dev: CandidateResult) -> List[str]:
-    try:
-        import matplotlib  # noqa: F401  (the [demo] extra)
-    except ImportError:
-        return []
     rm = checkpoints[0].reward_model
     figures = {
         "reward_vs_alpha.png": [
@@ -388,11 +470,12 @@ def setup_lines(settings: "DemoSettings", layout: "Layout", sampling) -> List[st
 
 
 def example_lines(c: Checkpoint) -> List[str]:
-    """Responses to the first test prompts at alpha 0 and at both chosen alphas."""
-    alphas = list(dict.fromkeys([0.0, c.alpha_rm, c.alpha_gt]))
-    picks = {0.0: "", c.alpha_gt: " (ground truth's choice)", c.alpha_rm: " (reward model's choice)"}
-    if c.alpha_rm == c.alpha_gt:
-        picks[c.alpha_rm] = " (both choices)"
+    """Responses to the first test prompts at alpha 0 and at the chosen alphas."""
+    picked_by = {0.0: []}
+    for alpha, who in ((c.alpha_rm, "reward model's"), (c.alpha_default, f"{DEFAULT}'s"), (c.alpha_gt, "ground truth's")):
+        picked_by.setdefault(alpha, []).append(who)
+    alphas = list(picked_by)
+    picks = {a: f" ({' and '.join(names)} choice)" if names else "" for a, names in picked_by.items()}
     header = ["prompt", *(f"alpha {a:g}{picks[a]}" for a in alphas)]
     lines = [
         f"## Examples: {c.title}, test prompts",
@@ -412,7 +495,7 @@ def example_lines(c: Checkpoint) -> List[str]:
     return [*lines, ""]
 
 
-def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling) -> str:
+def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling, evidence) -> str:
     parts = [
         "# ExPO demo: the paper's controlled experiment (Table 2) in miniature",
         "",
@@ -421,15 +504,16 @@ def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sa
         "",
         *setup_lines(settings, layout, sampling),
         "",
-        "## Results on the test prompts",
+        f"## Results on the test prompts (seed {checkpoints[0].seed})",
         "",
-        "`reward model`: mean score of the demo's reward model, which also chose alpha (as RM-Mistral-7B "
-        "did in the paper). `ground truth`: the task's true reward, which the paper cannot measure. "
+        "`reward model`: mean score of the demo's reward model, which also chose alpha, by the paper's rule "
+        f"(its highest mean, as RM-Mistral-7B did in the paper) and by the sweep's default `{DEFAULT}`. `ground truth`: the task's true reward, which the paper cannot measure. "
         "`never ends`: share of responses cut at the token limit. `paper`: Table 2 (RM-Mistral-7B reward, "
         "optimal alpha), for the shape only: the scales differ. Mean ± standard error.",
         "",
         markdown_table(rows),
-        "## The paper's claims at this scale",
+        *evidence,
+        f"## The paper's claims at this scale (seed {checkpoints[0].seed})",
         "",
         f"Differences count when larger than {SIGNIFICANCE:g} standard errors.",
         "",
@@ -438,11 +522,12 @@ def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sa
         parts.append(f"- **{claim['claim']}: {claim['verdict']}.**")
         parts += [f"  - {line.strip()}" for line in claim["details"]]
     parts += ["", *example_lines(checkpoints[0]), "## Curves", ""]
-    parts += [f"![{name}](plots/{name})" for name in plots] or ["(matplotlib is not installed: no plots)"]
+    parts += [f"![{name}](plots/{name})" for name in plots]
     parts += [
         "",
         "## Files",
         "",
+        "- Here the first seed's run; `seeds/<seed>/` holds each further seed's, laid out the same way.",
         "- `task/`: prompts (SFT, pair sampling, dev, test) and the tokenizer",
         "- `sft/`, `reward_model/`, `dpo/p10` ... `dpo/p100`: the trained models",
         "- `pairs/`: preference pairs (DPO) and reward-model pairs",
@@ -466,24 +551,37 @@ def build(layout: "Layout", summaries: List[dict]) -> Tuple[List[Checkpoint], Ca
 
 
 def write(
-    layout: "Layout", settings: "DemoSettings", timings: Dict[str, dict], summaries: List[dict], sampling
+    layouts: List["Layout"],
+    settings: "DemoSettings",
+    timings: Dict[str, dict],
+    runs: List[List[dict]],
+    sampling,
 ) -> None:
-    """report.md, summary.json and plots/ under DIR, from the sweeps' summaries.
+    """report.md, summary.json and plots/ under the first seed's DIR, from every seed's
+    sweep summaries (runs, in the order of layouts); the table, claims and plots are the
+    first seed's, the evidence on choosing alpha spans them all.
 
-    sampling: the sweeps' sampling settings (reported in the set-up section).
+    sampling: the first seed's sweep sampling settings (reported in the set-up section).
     """
-    checkpoints, sft_test, sft_dev = build(layout, summaries)
+    layout = layouts[0]
+    checkpoints, sft_test, sft_dev = build(layout, runs[0])
+    every_seed = [build(other, summaries)[0] for other, summaries in zip(layouts, runs)]
     rows = table_rows(checkpoints, sft_test)
     claim_list = claims(checkpoints)
+    outcomes = rule_outcomes(every_seed)
     plots = write_plots(layout, checkpoints, sft_dev)
     summary = {
         "settings": settings.model_dump(mode="json"),
         "table": rows,
         "claims": claim_list,
-        "alphas": {c.name: {"reward_model": c.alpha_rm, "ground_truth": c.alpha_gt} for c in checkpoints},
+        "alphas": {c.name: c.alphas for c in checkpoints},
+        "selection": {"rows": evidence_rows(every_seed), "outcomes": outcomes},
     }
     write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
-    write_text(layout.report, document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling))
+    evidence = evidence_lines(every_seed, outcomes)
+    write_text(
+        layout.report, document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling, evidence)
+    )
 
 
 def print_summary(summary: dict, echo=print) -> None:
@@ -500,6 +598,12 @@ def print_summary(summary: dict, echo=print) -> None:
     console.print(table)
     for claim in summary["claims"]:
         echo(f"- {claim['claim']}: {claim['verdict']}")
+    echo("Choosing alpha, by the ground truth on test prompts over every seed and checkpoint:")
+    for rule, o in summary["selection"]["outcomes"].items():
+        echo(
+            f"  {rule}: clearly below alpha 0 in {o['below_alpha_0']} of {o['cases']}, within one SE of "
+            f"the oracle in {o['within_one_se_of_oracle']} of {o['cases']}, mean shortfall {o['mean_shortfall']:.3f}"
+        )
     timings = summary.get("timings", {})
     ran = {name: t for name, t in timings.items() if not t["reused"]}
     echo(

@@ -1,0 +1,95 @@
+"""How a sweep chooses alpha: a named rule applied to one scorer's results.
+
+`reward-max` is the paper's rule: the highest mean reward. Past a point, extrapolation
+raises a learned reward model's score while true quality falls (reward hacking; the
+demo shows it on its under-trained checkpoints), so the default, `kl-bound`, charges
+each candidate for how far it moved from theta0:
+
+    value = mean reward - sigma_e * sqrt(2 * KL(candidate || theta0))
+
+The reward model is r = r_true + e with an error e of standard deviation sigma_e per
+response. A policy whose KL from the reference is D can raise the mean of e by at most
+sigma_e * sqrt(2 D) (the Donsker-Varadhan bound, exact for Gaussian e), so the value is
+a lower bound on the true gain: what the reward model reports, less the most its errors
+could have contributed at that KL. It is read off the reward-KL curve and needs nothing
+a user lacks: the scores, and the log-probabilities of the sampled responses under the
+candidate and under theta0. sigma_e follows from the reward model's pairwise accuracy
+with Gaussian true rewards and errors: accuracy = 1/2 + arctan(sd_true / sigma_e) / pi,
+and sd_true^2 + sigma_e^2 is the variance of its scores, so
+sigma_e = sd_scores * cos(pi * (accuracy - 1/2)). The default accuracy, 0.75, is about
+what open 7B reward models reach on held-out preference pairs; set your own measured one.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Literal, Optional
+
+from expo_eval.records import CandidateResult
+
+Rule = Literal["kl-bound", "reward-max"]
+RULES = ("kl-bound", "reward-max")
+DEFAULT_REWARD_ACCURACY = 0.75
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rule that chooses alpha, on which scorer, with the reward model's accuracy."""
+
+    scorer: str
+    rule: Rule = "kl-bound"
+    reward_accuracy: float = DEFAULT_REWARD_ACCURACY
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown selection rule {self.rule!r}; the rules are {', '.join(RULES)}")
+        if not 0.5 <= self.reward_accuracy <= 1:
+            raise ValueError(f"reward_accuracy is a pairwise accuracy in [0.5, 1], got {self.reward_accuracy}")
+
+    def error_sd(self, baseline: Optional[CandidateResult]) -> float:
+        """sigma_e: the scorer's per-response spread on alpha = 0 (theta1), times the share
+        of it that is error at the given pairwise accuracy."""
+        if baseline is None:
+            raise ValueError("the kl-bound rule needs alpha = 0 on the select prompts")
+        spread = baseline.scores[self.scorer].stderr * math.sqrt(baseline.n)
+        return spread * math.cos(math.pi * (self.reward_accuracy - 0.5))
+
+    def value(self, result: CandidateResult, baseline: Optional[CandidateResult]) -> float:
+        """What the rule maximizes for one candidate; baseline: alpha = 0 on the same prompts."""
+        mean = result.score(self.scorer)
+        if self.rule == "reward-max":
+            return mean
+        if result.kl is None:
+            raise ValueError(
+                f"{result.label} has no KL estimate (log-probabilities missing); "
+                "the kl-bound rule needs one, or choose with --select reward-max"
+            )
+        return mean - self.error_sd(baseline) * math.sqrt(2 * max(result.kl, 0.0))
+
+    def annotate(self, results: List[CandidateResult]) -> List[CandidateResult]:
+        """Copies of the results with `selection_value` set on the select-split alphas."""
+        baseline = baseline_of(results)
+        return [
+            r.model_copy(update={"selection_value": self.value(r, baseline)})
+            if r.split == "select" and r.alpha is not None
+            else r
+            for r in results
+        ]
+
+    def best(self, candidates: List[CandidateResult], baseline: Optional[CandidateResult]) -> CandidateResult:
+        """The highest value; ties go to the smaller alpha, the smaller step from theta1."""
+        if not candidates:
+            raise ValueError("no candidate on the select split to choose from")
+        return max(candidates, key=lambda r: (self.value(r, baseline), -r.alpha))
+
+    def describe(self) -> str:
+        if self.rule == "reward-max":
+            return f"reward-max (the highest mean of {self.scorer})"
+        return (
+            f"kl-bound (the mean of {self.scorer} less sigma_e * sqrt(2 KL(candidate || theta0)), "
+            f"sigma_e for a pairwise accuracy of {self.reward_accuracy:g})"
+        )
+
+
+def baseline_of(results: List[CandidateResult]) -> Optional[CandidateResult]:
+    """alpha = 0 on the select prompts: theta1, what every candidate is compared with."""
+    return next((r for r in results if r.alpha == 0 and r.split == "select"), None)

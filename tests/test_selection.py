@@ -1,0 +1,188 @@
+"""Choosing alpha: the kl-bound rule (the default) against the paper's reward-max."""
+
+import csv
+import io
+import json
+import math
+
+import pytest
+import yaml
+from conftest import expo_recipe, write_recipe
+from test_search import BASELINE, Recorder, candidate
+from test_sweep import config
+
+from expo_eval.config import SearchConfig
+from expo_eval.search import choose_alpha, search_alphas
+from expo_eval.selection import Selection
+from expo_eval.sweep import Sweep
+
+RM = "rm"
+SD = BASELINE.scores[RM].stderr * math.sqrt(BASELINE.n)  # 0.5 per response
+
+
+def with_kl(result, kl):
+    return result.model_copy(update={"kl": kl})
+
+
+def test_kl_bound_value_is_reward_less_the_error_bound():
+    rule = Selection(RM, "kl-bound", reward_accuracy=0.75)
+    assert rule.error_sd(BASELINE) == pytest.approx(SD * math.cos(math.pi / 4))
+    result = with_kl(candidate(1.0, 1.4), kl=0.5)
+    assert rule.value(result, BASELINE) == pytest.approx(1.4 - SD / math.sqrt(2) * math.sqrt(2 * 0.5))
+    # a slightly negative sampled KL estimate is no distance, not an imaginary one
+    assert rule.value(with_kl(candidate(1.0, 1.4), kl=-0.01), BASELINE) == pytest.approx(1.4)
+
+
+@pytest.mark.parametrize("accuracy, share", [(0.5, 1.0), (0.75, math.sqrt(0.5)), (1.0, 0.0)])
+def test_error_scale_follows_the_reward_models_accuracy(accuracy, share):
+    """A coin-flip reward model is all error; a perfect one has none (kl-bound is then reward-max)."""
+    assert Selection(RM, reward_accuracy=accuracy).error_sd(BASELINE) == pytest.approx(share * SD, abs=1e-12)
+
+
+def curve():
+    """Reward keeps rising with alpha while the KL from theta0 explodes: the hacked shape."""
+    return [
+        with_kl(BASELINE, 0.1),
+        with_kl(candidate(0.5, 1.15), 0.15),
+        with_kl(candidate(1.0, 1.25), 0.3),
+        with_kl(candidate(4.0, 1.6), 6.0),
+    ]
+
+
+def test_kl_bound_stops_where_reward_only_buys_kl():
+    results = curve()
+    assert choose_alpha(results, Selection(RM, "reward-max")).alpha == 4.0
+    kl_bound = Selection(RM)
+    values = {r.alpha: kl_bound.value(r, BASELINE) for r in results}
+    assert choose_alpha(results, kl_bound).alpha == max(values, key=values.get) == 1.0
+    assert choose_alpha(results, Selection(RM, reward_accuracy=1.0)).alpha == 4.0
+
+
+def test_kl_bound_chooses_alpha_zero_when_nothing_beats_it():
+    results = [with_kl(BASELINE, 0.0), with_kl(candidate(1.0, 1.05), 2.0)]
+    assert choose_alpha(results, Selection(RM)).alpha == 0.0
+
+
+def test_kl_bound_needs_kl_and_says_so():
+    with pytest.raises(ValueError, match=r"alpha=1 has no KL estimate.*--select reward-max"):
+        choose_alpha([with_kl(BASELINE, 0.0), candidate(1.0, 1.2)], Selection(RM))
+
+
+def test_choosing_needs_alpha_zero():
+    with pytest.raises(ValueError, match="alpha = 0"):
+        choose_alpha([with_kl(candidate(1.0, 1.2), 0.1)], Selection(RM))
+
+
+@pytest.mark.parametrize("rule, accuracy", [("best-guess", 0.75), ("kl-bound", 0.4), ("kl-bound", 1.5)])
+def test_bad_selection_settings_are_refused(rule, accuracy):
+    with pytest.raises(ValueError):
+        Selection(RM, rule, accuracy)
+
+
+def test_search_bisects_around_the_rules_choice():
+    """The search refines around kl-bound's best, not around the reward's peak."""
+
+    class WithKL(Recorder):
+        def __call__(self, alpha):
+            return with_kl(super().__call__(alpha), kl=alpha**3)
+
+    config = SearchConfig(low=0.5, high=2.0, coarse_points=4, refine_rounds=2, min_step=0.1)
+    evaluate = WithKL(lambda alpha: 1.0 + 0.6 * alpha)  # reward rises forever
+    results = search_alphas(evaluate, config, Selection(RM), with_kl(BASELINE, 0.0))
+    chosen = choose_alpha([with_kl(BASELINE, 0.0), *results], Selection(RM))
+    assert chosen.alpha == 0.625  # kl-bound's optimum of 1 + 0.6 a - 0.354 sqrt(2 a^3) is at a = 0.64
+    assert evaluate.calls[4:] and max(evaluate.calls[4:]) < 1.0  # refined next to 0.5, not next to 2
+    paper = WithKL(lambda alpha: 1.0 + 0.6 * alpha)
+    search_alphas(paper, config, Selection(RM, "reward-max"), with_kl(BASELINE, 0.0))
+    assert min(paper.calls[4:]) > 1.5
+
+
+@pytest.fixture(scope="module")
+def swept(family, reward_model, tmp_path_factory):
+    """Both rules on one sweep folder (the second run reuses every generation): what each
+    run wrote, by rule; the kl-bound run's files stay in the folder."""
+    root = tmp_path_factory.mktemp("selection")
+    recipe = write_recipe(root / "recipe.yaml", expo_recipe(family))
+    out, runs = root / "out", {}
+    for rule in ("reward-max", "kl-bound"):
+        outcome = Sweep(config(recipe, out, reward_model, select=rule, alphas=[0.5, 2.0, 8.0])).run()
+        runs[rule] = {
+            "outcome": outcome,
+            "document": json.loads((out / "results.json").read_text()),
+            "csv": (out / "results.csv").read_text(),
+            "best": (out / "best.yaml").read_text(),
+            "card_table": (out / "card_table.md").read_text(),
+        }
+    return {"out": out, "runs": runs, "reward_model": reward_model}
+
+
+@pytest.mark.parametrize("rule", ["reward-max", "kl-bound"])
+def test_sweep_records_the_rule_everywhere(swept, rule):
+    """Each output names the rule, and the chosen alpha is the one its recorded values rank first."""
+    run, reward_model = swept["runs"][rule], swept["reward_model"]
+    document = run["document"]
+    assert document["selection"]["rule"] == rule and document["selection"]["scorer"] == reward_model
+    select = [c for c in document["candidates"] if c["split"] == "select" and c["alpha"] is not None]
+    assert all(c["kl"] is not None and c["selection_value"] is not None for c in select)
+    best = max(select, key=lambda c: (c["selection_value"], -c["alpha"]))
+    assert document["chosen_alpha"] == best["alpha"] == run["outcome"].chosen.alpha
+    if rule == "reward-max":
+        assert all(c["selection_value"] == c["scores"][reward_model]["mean"] for c in select)
+    else:
+        base = next(c for c in select if c["alpha"] == 0)
+        sd = base["scores"][reward_model]["stderr"] * math.sqrt(base["n"]) * math.cos(math.pi / 4)
+        for c in select:
+            expected = c["scores"][reward_model]["mean"] - sd * math.sqrt(2 * max(c["kl"], 0.0))
+            assert c["selection_value"] == pytest.approx(expected)
+    rows = list(csv.DictReader(io.StringIO(run["csv"])))
+    assert {row["select_rule"] for row in rows} == {rule}
+    assert rule in run["best"].splitlines()[0]
+    recipe = yaml.safe_load(run["best"])
+    assert recipe["parameters"]["alpha"] == best["alpha"]
+    assert recipe["expo_sweep"]["rule"] == rule and recipe["expo_sweep"]["chosen_alpha"] == best["alpha"]
+    assert rule in run["card_table"]
+
+
+def test_alpaca_eval_outputs_for_alpha_zero_and_the_chosen_alpha(swept):
+    out, chosen = swept["out"], swept["runs"]["kl-bound"]["outcome"].chosen
+    files = sorted(p.name for p in (out / "alpaca_eval").iterdir())
+    assert files == sorted({"alpha=0.json", f"{chosen.label}.json"})
+    report = [json.loads(line) for line in (out / "generations" / "alpha=0.jsonl").read_text().splitlines()]
+    report = [row for row in report if row["split"] == "report"]
+    outputs = json.loads((out / "alpaca_eval" / "alpha=0.json").read_text())
+    assert [(o["instruction"], o["output"]) for o in outputs] == [(r["prompt"], r["response"]) for r in report]
+    assert {o["generator"] for o in outputs} == {"expo-alpha=0"}
+
+
+def test_card_of_a_merge_of_best_yaml_says_how_alpha_was_chosen(swept, tmp_path):
+    """The record travels in best.yaml: the card holds when the sweep folder is gone, and says
+    so when the alpha was edited after the sweep."""
+    from click.testing import CliRunner
+    from mergekit.scripts import run_yaml
+
+    import mergekit_expo  # noqa: F401  (registers `expo` in this process)
+
+    best = yaml.safe_load(swept["runs"]["kl-bound"]["best"])
+    chosen = best["parameters"]["alpha"]
+    (swept["out"] / "results.json").rename(tmp_path / "moved.json")
+    try:
+        for alpha, name in ((chosen, "as-chosen"), (chosen + 0.25, "edited")):
+            recipe = tmp_path / f"{name}.yaml"
+            recipe.write_text(yaml.safe_dump({**best, "parameters": {"alpha": alpha}}, sort_keys=False))
+            result = CliRunner().invoke(run_yaml.main, [str(recipe), str(tmp_path / name)], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            card = (tmp_path / name / "README.md").read_text()
+            assert "### How alpha was chosen" in card and "kl-bound" in card
+            assert f"chose alpha = {chosen:g} among 0, 0.5, 2, 8" in card
+            assert swept["reward_model"] in card and "| alpha=0.5 |" in card and "Held-out prompts" in card
+            assert ("not the" in card) == (name == "edited")
+    finally:
+        (tmp_path / "moved.json").rename(swept["out"] / "results.json")
+
+
+def test_a_damaged_sweep_record_does_not_stop_the_merge():
+    from mergekit_expo.card import sweep_section
+
+    assert sweep_section("merge_method: expo\n", {"alpha": 0.3}) == ""
+    damaged = sweep_section("expo_sweep: {rule: kl-bound}\n", {"alpha": 0.3})
+    assert "could not be read" in damaged
