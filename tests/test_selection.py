@@ -12,8 +12,8 @@ from test_search import BASELINE, Recorder, candidate
 from test_sweep import config
 
 from expo_eval.config import SearchConfig
-from expo_eval.search import choose_alpha, search_alphas
-from expo_eval.selection import Selection
+from expo_eval.search import choose_alpha, other_rule_flags, search_alphas
+from expo_eval.selection import Selection, SelectionError
 from expo_eval.sweep import Sweep
 
 RM = "rm"
@@ -30,7 +30,8 @@ def test_kl_bound_value_is_reward_less_the_error_bound():
     result = with_kl(candidate(1.0, 1.4), kl=0.5)
     assert rule.value(result, BASELINE) == pytest.approx(1.4 - SD / math.sqrt(2) * math.sqrt(2 * 0.5))
     # a slightly negative sampled KL estimate is no distance, not an imaginary one
-    assert rule.value(with_kl(candidate(1.0, 1.4), kl=-0.01), BASELINE) == pytest.approx(1.4)
+    near_zero = candidate(1.0, 1.4).model_copy(update={"kl": -0.01, "kl_stderr": 0.01})
+    assert rule.value(near_zero, BASELINE) == pytest.approx(1.4)
 
 
 @pytest.mark.parametrize("accuracy, share", [(0.5, 1.0), (0.75, math.sqrt(0.5)), (1.0, 0.0)])
@@ -69,11 +70,42 @@ def test_kl_bound_needs_kl_and_says_so():
 
 
 def test_choosing_needs_alpha_zero():
-    with pytest.raises(ValueError, match="alpha = 0"):
+    with pytest.raises(SelectionError, match="alpha = 0"):
         choose_alpha([with_kl(candidate(1.0, 1.2), 0.1)], Selection(RM))
 
 
-@pytest.mark.parametrize("rule, accuracy", [("best-guess", 0.75), ("kl-bound", 0.4), ("kl-bound", 1.5)])
+def test_a_kl_estimate_that_is_not_a_distance_is_left_out_and_named():
+    """Sampled with temperature and penalties, the log-probability gap can come out clearly below
+    zero; such a candidate is not a cheap one, it is one the rule could not measure."""
+    biased = candidate(8.0, 2.0).model_copy(update={"kl": -0.2, "kl_stderr": 0.03})
+    noisy = candidate(0.5, 1.1).model_copy(update={"kl": -0.01, "kl_stderr": 0.02})  # zero within noise
+    nan = candidate(2.0, 3.0).model_copy(update={"kl": float("nan"), "kl_stderr": 0.1})
+    results = [with_kl(BASELINE, -0.5), biased, noisy, nan]
+    rule = Selection(RM)
+    assert choose_alpha(results, rule).alpha == 0.5
+    problems = rule.problems(results)
+    assert [p.split(":")[0] for p in problems] == ["alpha=8", "alpha=2"]
+    assert "below zero by more than 2 standard errors" in problems[0]
+    assert Selection(RM, "reward-max").problems(results) == []
+
+
+def test_kl_bound_refuses_scores_without_spread():
+    flat = BASELINE.model_copy(update={"scores": {RM: BASELINE.scores[RM].model_copy(update={"stderr": 0.0})}})
+    with pytest.raises(SelectionError, match="spread.*--select reward-max"):
+        choose_alpha([with_kl(flat, 0.0), with_kl(candidate(8.0, 2.0), 50.0)], Selection(RM))
+
+
+def test_the_other_rules_choice_is_reported_when_it_differs():
+    results = curve()
+    chosen = choose_alpha(results, Selection(RM))
+    (note,) = other_rule_flags(results, chosen, Selection(RM))
+    assert note.startswith("reward-max would choose alpha=4") and "kl-bound chose alpha=1" in note
+    paper = choose_alpha(results, Selection(RM, "reward-max"))
+    assert other_rule_flags(results, paper, Selection(RM, "reward-max"))[0].startswith("kl-bound would choose alpha=1")
+    assert other_rule_flags(results[:1], results[0], Selection(RM)) == []
+
+
+@pytest.mark.parametrize("rule, accuracy", [("best-guess", 0.75), ("kl-bound", 0.4), ("kl-bound", 1.5), ("kl-bound", "0.8"), ("kl-bound", True)])
 def test_bad_selection_settings_are_refused(rule, accuracy):
     with pytest.raises(ValueError):
         Selection(RM, rule, accuracy)

@@ -159,6 +159,7 @@ def sweep(recipe, config_file, **flags):
     """Sweep alpha for an `expo` RECIPE: generate, score with reward models, report, pick alpha."""
     from expo_eval.candidates import RecipeError
     from expo_eval.lock import SweepLockedError
+    from expo_eval.selection import SelectionError
     from expo_eval.prompts import PromptError
     from expo_eval.scoring import ScorerError
     from expo_eval.backends import BackendError
@@ -168,7 +169,7 @@ def sweep(recipe, config_file, **flags):
     config = build_config(recipe, config_file, flags)
     try:
         outcome = Sweep(config).run()
-    except (RecipeError, PromptError, ScorerError, BackendError, SweepLockedError) as error:
+    except (RecipeError, PromptError, ScorerError, BackendError, SweepLockedError, SelectionError) as error:
         raise click.ClickException(str(error)) from None
     if outcome.chosen is None:
         click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused}; nothing scored (generate_only).")

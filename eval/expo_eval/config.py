@@ -97,9 +97,14 @@ class SweepConfig(BaseModel):
     alphas: Optional[List[float]] = Field(None, description="Explicit grid, e.g. 0,0.1,0.2,0.3 (0 is always evaluated).")
     search: Optional[SearchConfig] = Field(None, description="Automatic search (paper, Appendix B) instead of a grid.")
     reward_models: List[str] = Field(
-        min_length=1, description="Reward model folder or Hub ID, or module:function. Repeatable; the first chooses alpha."
+        min_length=1, description="Reward model folder or Hub ID (MODEL#objective=K picks one objective of a multi-objective one), or module:function. Repeatable; the first chooses alpha."
     )
     select_with: Optional[str] = Field(None, description="Which reward model chooses alpha.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the code a reward model ships (its config.json auto_map: ArmoRM, InternLM2-reward); "
+        "it runs with your permissions, so read it first.",
+    )
     select: Rule = Field(
         "kl-bound",
         description="How alpha is chosen: kl-bound (reward less what its errors could gain at the candidate's KL "

@@ -64,8 +64,12 @@ def local_folder(spec: str) -> Optional[str]:
 
 
 def model_fingerprint(spec: str) -> str:
-    """A model folder or Hub ID; a Hub ID not downloaded yet is fingerprinted by name only."""
-    folder = local_folder(spec)
+    """A model folder or Hub ID (a reward model's `#objective=K` names a column, not files; a
+    model's own code is among its small files); a Hub ID not downloaded yet is fingerprinted
+    by name only."""
+    from expo_eval.scoring import split_objective
+
+    folder = local_folder(split_objective(spec)[0])
     return folder_fingerprint(folder) if folder else f"name:{spec}"
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List
 
 from expo_eval.config import SearchConfig
 from expo_eval.records import CandidateResult, ScoreStats
-from expo_eval.selection import Selection, baseline_of
+from expo_eval.selection import RULES, Selection, SelectionError, baseline_of
 
 # Collapse thresholds, all relative to alpha = 0 (theta1) on the same prompts.
 # A quarter of the prompts newly running into the length limit: the paper's "never emits
@@ -183,7 +183,7 @@ def choose_alpha(results: List[CandidateResult], selection: Selection) -> Candid
         r for r in results if r.split == "select" and r.alpha is not None and not r.collapsed
     ]
     if not eligible:
-        raise ValueError("no candidate on the select split is left after collapse detection")
+        raise SelectionError("no candidate on the select split is left after collapse detection")
     return selection.best(eligible, baseline_of(results))
 
 
@@ -218,3 +218,19 @@ def reward_hacking_flags(
                 f"the choice may be reward hacking of {selector}"
             )
     return flags
+
+
+def other_rule_flags(results: List[CandidateResult], chosen: CandidateResult, selection: Selection) -> List[str]:
+    """A note when the other rule would have chosen differently: the trade-off, in the open."""
+    other = Selection(selection.scorer, next(r for r in RULES if r != selection.rule), selection.reward_accuracy)
+    try:
+        alternative = choose_alpha(results, other)
+    except SelectionError:
+        return []
+    if alternative.alpha == chosen.alpha:
+        return []
+    return [
+        f"{other.rule} would choose {alternative.label} ({selection.scorer} mean {alternative.score(selection.scorer):.3g}, "
+        f"KL {alternative.kl if alternative.kl is not None else float('nan'):.3g}) where {selection.rule} chose "
+        f"{chosen.label} (mean {chosen.score(selection.scorer):.3g}, KL {chosen.kl if chosen.kl is not None else float('nan'):.3g})"
+    ]

@@ -29,6 +29,13 @@ from expo_eval.records import CandidateResult
 Rule = Literal["kl-bound", "reward-max"]
 RULES = ("kl-bound", "reward-max")
 DEFAULT_REWARD_ACCURACY = 0.75
+# A KL estimate this many standard errors below zero is not a distance (KL >= 0): the sampled
+# responses (temperature, top-k/top-p, penalties) are not draws from the models scored.
+KL_BELOW_ZERO_Z = 2.0
+
+
+class SelectionError(ValueError):
+    """The rule cannot choose from these results; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -42,28 +49,50 @@ class Selection:
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown selection rule {self.rule!r}; the rules are {', '.join(RULES)}")
-        if not 0.5 <= self.reward_accuracy <= 1:
+        accuracy = self.reward_accuracy
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0.5 <= accuracy <= 1:
             raise ValueError(f"reward_accuracy is a pairwise accuracy in [0.5, 1], got {self.reward_accuracy}")
 
     def error_sd(self, baseline: Optional[CandidateResult]) -> float:
         """sigma_e: the scorer's per-response spread on alpha = 0 (theta1), times the share
         of it that is error at the given pairwise accuracy."""
         if baseline is None:
-            raise ValueError("the kl-bound rule needs alpha = 0 on the select prompts")
+            raise SelectionError("the kl-bound rule needs alpha = 0 on the select prompts")
         spread = baseline.scores[self.scorer].stderr * math.sqrt(baseline.n)
+        if not spread > 0:
+            raise SelectionError(
+                f"the kl-bound rule needs the spread of {self.scorer}'s scores on alpha=0, and it is 0 over "
+                f"{baseline.n} prompts: give more prompts, or choose with --select reward-max"
+            )
         return spread * math.cos(math.pi * (self.reward_accuracy - 0.5))
 
-    def value(self, result: CandidateResult, baseline: Optional[CandidateResult]) -> float:
-        """What the rule maximizes for one candidate; baseline: alpha = 0 on the same prompts."""
+    def value(self, result: CandidateResult, baseline: Optional[CandidateResult]) -> Optional[float]:
+        """What the rule maximizes for one candidate (baseline: alpha = 0 on the same prompts);
+        None for a candidate kl-bound cannot rate: its KL estimate is not a distance."""
         mean = result.score(self.scorer)
         if self.rule == "reward-max":
             return mean
         if result.kl is None:
-            raise ValueError(
+            raise SelectionError(
                 f"{result.label} has no KL estimate (log-probabilities missing); "
                 "the kl-bound rule needs one, or choose with --select reward-max"
             )
+        if not measured(result):
+            return mean if result.alpha == 0 else None  # theta1 itself needs no distance to be chosen
         return mean - self.error_sd(baseline) * math.sqrt(2 * max(result.kl, 0.0))
+
+    def problems(self, results: List[CandidateResult]) -> List[str]:
+        """Warnings for candidates kl-bound left out because their KL estimate is not a distance."""
+        if self.rule != "kl-bound":
+            return []
+        return [
+            f"{r.label}: the KL estimate {r.kl:.3g} ± {r.kl_stderr or 0:.2g} is below zero by more than "
+            f"{KL_BELOW_ZERO_Z:g} standard errors (the responses were sampled with temperature, top-k/top-p "
+            "and penalties, the log-probabilities are the models' own), so kl-bound did not consider it: "
+            "it does not choose a candidate whose distance from theta0 it could not measure"
+            for r in results
+            if r.split == "select" and r.alpha not in (None, 0) and r.kl is not None and not measured(r)
+        ]
 
     def annotate(self, results: List[CandidateResult]) -> List[CandidateResult]:
         """Copies of the results with `selection_value` set on the select-split alphas."""
@@ -77,9 +106,10 @@ class Selection:
 
     def best(self, candidates: List[CandidateResult], baseline: Optional[CandidateResult]) -> CandidateResult:
         """The highest value; ties go to the smaller alpha, the smaller step from theta1."""
-        if not candidates:
-            raise ValueError("no candidate on the select split to choose from")
-        return max(candidates, key=lambda r: (self.value(r, baseline), -r.alpha))
+        rated = [(value, r) for r in candidates for value in [self.value(r, baseline)] if value is not None]
+        if not rated:
+            raise SelectionError("no candidate on the select split to choose from")
+        return max(rated, key=lambda pair: (pair[0], -pair[1].alpha))[1]
 
     def describe(self) -> str:
         if self.rule == "reward-max":
@@ -88,6 +118,12 @@ class Selection:
             f"kl-bound (the mean of {self.scorer} less sigma_e * sqrt(2 KL(candidate || theta0)), "
             f"sigma_e for a pairwise accuracy of {self.reward_accuracy:g})"
         )
+
+
+def measured(result: CandidateResult) -> bool:
+    """Whether the KL estimate can stand for a distance: finite, and not clearly below zero."""
+    kl, stderr = result.kl, result.kl_stderr or 0.0
+    return kl is not None and math.isfinite(kl) and math.isfinite(stderr) and kl + KL_BELOW_ZERO_Z * stderr >= 0
 
 
 def baseline_of(results: List[CandidateResult]) -> Optional[CandidateResult]:

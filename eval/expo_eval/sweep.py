@@ -36,6 +36,7 @@ from expo_eval.report import print_table, remove_report, write_report
 from expo_eval.scoring import FUNCTION_SPEC, Scorer, ScorerError, check_scores, load_scorer
 from expo_eval.search import (
     choose_alpha,
+    other_rule_flags,
     mark_collapse,
     repetition,
     reward_hacking_flags,
@@ -164,11 +165,13 @@ class Sweep:
         from expo_eval.scoring import check_scorer
 
         if name not in self._given_scorers:
-            check_scorer(name)
+            check_scorer(name, trust_remote_code=self.config.trust_remote_code)
 
     def scorer(self, name: str) -> Scorer:
         if name not in self._scorers:
-            self._scorers[name] = load_scorer(name, device=self.config.device or "cpu")
+            self._scorers[name] = load_scorer(
+                name, device=self.config.device or "cpu", trust_remote_code=self.config.trust_remote_code
+            )
         return self._scorers[name]
 
     # -- one candidate -----------------------------------------------------------------
@@ -397,7 +400,8 @@ class Sweep:
         finally:
             self.release_backend()
             self.release_scorers()
-        flags = reward_hacking_flags(results, chosen, config.selector)
+        flags = selection.problems(results) + reward_hacking_flags(results, chosen, config.selector)
+        flags += other_rule_flags(results, chosen, selection)
         written = set()
         for name, rows in self.generations.items():
             written.add(f"{name}.jsonl")

@@ -84,7 +84,7 @@ STAGE_FIELDS: Dict[str, Tuple[str, ...]] = {
 
 
 # Bumped when what a stage writes changes shape, so that an older run's output is redone, not misread.
-STAGE_VERSIONS = {"sweep": 2, "report": 2}
+STAGE_VERSIONS = {"sweep": 3, "report": 3}
 
 
 def checkpoint_name(fraction: float) -> str:
