@@ -161,6 +161,7 @@ class SweepRow(BaseModel):
     kl: Optional[float] = None
     selection_value: Optional[float] = None
     collapsed: bool = False
+    judge: Optional[Dict[str, Union[str, float]]] = None  # an LLM judge against alpha 0 (win rates in %)
 
 
 class SweepRecord(BaseModel):
@@ -206,13 +207,17 @@ def sweep_section(config_yaml: str, parameters: Dict[str, object]) -> str:
 
 
 def _sweep_table(title: str, rows: List[SweepRow], scorers: List[str], select: bool) -> List[str]:
+    judged = any(row.judge for row in rows)
     header = ["candidate", *scorers] + (["KL (nats)", "rule value", "collapsed"] if select else [])
+    header += ["judge win rate vs alpha 0 (LC)"] if judged else []
     lines = [f"{title}, mean ± standard error over {rows[0].n if rows else 0} prompts:", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.candidate, *(_mean_stderr((row.model_extra or {}).get(name)) for name in scorers)]
         if select:
             cells += [_number(row.kl, ".3g"), _number(row.selection_value, ".4g"), "yes" if row.collapsed else "no"]
+        if judged:
+            cells.append(f"{row.judge['win_rate']:.1f}% ({row.judge['lc_win_rate']:.1f}%)" if row.judge else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

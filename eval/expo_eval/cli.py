@@ -40,7 +40,7 @@ SPECIAL = {
     ("alphas",): dict(type=CommaList(float)),
     ("gpus",): dict(type=CommaList(str, metavar="GPU,...")),
 }
-PREFIXED = {"search"}  # nested models whose flags carry the field name: --search-low ...
+PREFIXED = {"search", "judge"}  # nested models whose flags carry the field name: --search-low, --judge-model ...
 
 
 def _unwrap(annotation):
@@ -160,6 +160,7 @@ def sweep(recipe, config_file, **flags):
     from expo_eval.candidates import RecipeError
     from expo_eval.lock import SweepLockedError
     from expo_eval.selection import SelectionError
+    from expo_eval.judge import JudgeError
     from expo_eval.prompts import PromptError
     from expo_eval.scoring import ScorerError
     from expo_eval.backends import BackendError
@@ -169,7 +170,7 @@ def sweep(recipe, config_file, **flags):
     config = build_config(recipe, config_file, flags)
     try:
         outcome = Sweep(config).run()
-    except (RecipeError, PromptError, ScorerError, BackendError, SweepLockedError, SelectionError) as error:
+    except (RecipeError, PromptError, ScorerError, BackendError, SweepLockedError, SelectionError, JudgeError) as error:
         raise click.ClickException(str(error)) from None
     if outcome.chosen is None:
         click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused}; nothing scored (generate_only).")

@@ -7,6 +7,7 @@ from typing import List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
 
+from expo_eval.judge import JudgeConfig
 from expo_eval.selection import DEFAULT_REWARD_ACCURACY, Rule, Selection
 from mergekit_expo.rules import check_alpha
 
@@ -127,6 +128,9 @@ class SweepConfig(BaseModel):
     chat_template: Optional[FilePath] = Field(None, description="Jinja chat template file for a tokenizer without one.")
     materialize: bool = Field(False, description="Write every candidate with mergekit and load it (slow; the paper's loop).")
     keep_models: bool = Field(False, description="Keep the checkpoints --materialize writes.")
+    judge: Optional[JudgeConfig] = Field(
+        None, description="An LLM judge (OpenAI-compatible endpoint) comparing each reported alpha with alpha 0."
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 

@@ -4,6 +4,8 @@ from typing import Dict, List, Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from expo_eval.judge import JudgeStats
+
 FinishReason = Literal["stop", "length"]
 Split = Literal["select", "report"]
 
@@ -46,6 +48,7 @@ class CandidateResult(BaseModel):
     kl_stderr: Optional[float] = None
     # what the selection rule maximized (expo_eval.selection); select-split alphas only
     selection_value: Optional[float] = None
+    judge: Optional[JudgeStats] = None  # against alpha = 0 on the same prompts
     timing: Dict[str, float] = Field(default_factory=dict)
     collapsed: bool = False
     collapse_reasons: List[str] = Field(default_factory=list)

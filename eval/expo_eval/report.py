@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 # Bumped when a key of results.json changes meaning or disappears.
 SCHEMA_VERSION = 1
 STAT_FIELDS = ("mean", "median", "stderr", "win_rate")
+JUDGE_FIELDS = ("judge", "n", "win_rate", "win_rate_stderr", "lc_win_rate", "position_agreement")
 SPLIT_ORDER = {"select": 0, "report": 1}
 
 
@@ -78,6 +79,8 @@ def results_csv(results: List[CandidateResult], selection: Selection) -> str:
     header += [f"{name}:{stat}" for name in names for stat in STAT_FIELDS]
     header += ["mean_tokens", "length_cut_share", "repetition", "kl", "kl_stderr", "select_rule", "selection_value"]
     header += ["collapsed", "collapse_reasons"]
+    judged = any(r.judge is not None for r in results)
+    header += [f"judge:{key}" for key in JUDGE_FIELDS] if judged else []
     header += [f"timing:{key}" for key in timings]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -90,6 +93,7 @@ def results_csv(results: List[CandidateResult], selection: Selection) -> str:
         row += [r.mean_tokens, r.length_cut_share, r.repetition, _blank(r.kl), _blank(r.kl_stderr), selection.rule]
         row += [_blank(r.selection_value), r.collapsed]
         row += ["; ".join(r.collapse_reasons)]
+        row += [_blank(getattr(r.judge, key, None)) for key in JUDGE_FIELDS] if judged else []
         row += [_blank(r.timing.get(key)) for key in timings]
         writer.writerow(row)
     return buffer.getvalue()
@@ -115,6 +119,8 @@ def sweep_record(
         entry.update({name: [_rounded(r.scores[name].mean), _rounded(r.scores[name].stderr)] for name in names if name in r.scores})
         if r.split == "select":
             entry.update(kl=_rounded(r.kl), selection_value=_rounded(r.selection_value), collapsed=r.collapsed)
+        if r.judge is not None:
+            entry["judge"] = {"model": r.judge.judge, "win_rate": _rounded(r.judge.win_rate), "lc_win_rate": _rounded(r.judge.lc_win_rate)}
         return entry
 
     split = card_split(results)
@@ -404,6 +410,12 @@ def write_report(
     write_plots(out_dir, results, chosen, selection.scorer, generations)
 
 
+def _judge_cell(result: CandidateResult) -> str:
+    if result.judge is None:
+        return ""
+    return f"{result.judge.win_rate:.0f}% / {result.judge.lc_win_rate:.0f}%"
+
+
 def _status(result: CandidateResult, is_chosen: bool) -> str:
     """Chosen and/or why collapsed: a chosen alpha can still collapse on held-out prompts."""
     parts = ["chosen"] if is_chosen else []
@@ -436,6 +448,7 @@ def print_table(
         "repetition",
         "KL (nats)",
         selection.rule,
+        *(["judge win / LC"] if any(r.judge is not None for r in results) else []),
         "status",
     ):
         table.add_column(
@@ -455,6 +468,7 @@ def print_table(
             f"{r.repetition:.2f}",
             "" if r.kl is None else f"{r.kl:.3g}",
             "" if r.selection_value is None else f"{r.selection_value:.3f}",
+            *([_judge_cell(r)] if any(x.judge is not None for x in results) else []),
             _status(r, is_chosen),
             style="red" if r.collapsed else "bold green" if is_chosen else None,
         )

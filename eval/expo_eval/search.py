@@ -234,3 +234,21 @@ def other_rule_flags(results: List[CandidateResult], chosen: CandidateResult, se
         f"KL {alternative.kl if alternative.kl is not None else float('nan'):.3g}) where {selection.rule} chose "
         f"{chosen.label} (mean {chosen.score(selection.scorer):.3g}, KL {chosen.kl if chosen.kl is not None else float('nan'):.3g})"
     ]
+
+
+# The judge's win rate against alpha = 0 must fall below 50% by this many standard errors to warn.
+JUDGE_LOSS_Z = 2.0
+
+
+def judge_flags(results: List[CandidateResult], chosen: CandidateResult) -> List[str]:
+    """A warning when the LLM judge prefers alpha = 0 to the chosen alpha on the same prompts."""
+    judged = [r for r in results if r.alpha == chosen.alpha and r.judge is not None]
+    flags = []
+    for r in judged:
+        stats = r.judge
+        if 50 - stats.win_rate > JUDGE_LOSS_Z * stats.win_rate_stderr:
+            flags.append(
+                f"the judge {stats.judge} prefers alpha=0 to the chosen {r.label} on the {r.split} prompts: "
+                f"win rate {stats.win_rate:.1f}% ± {stats.win_rate_stderr:.1f} (length-controlled {stats.lc_win_rate:.1f}%)"
+            )
+    return flags

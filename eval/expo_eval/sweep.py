@@ -36,6 +36,7 @@ from expo_eval.report import print_table, remove_report, write_report
 from expo_eval.scoring import FUNCTION_SPEC, Scorer, ScorerError, check_scores, load_scorer
 from expo_eval.search import (
     choose_alpha,
+    judge_flags,
     other_rule_flags,
     mark_collapse,
     repetition,
@@ -93,6 +94,7 @@ class Sweep:
         self._rows: Dict[tuple, List[Generation]] = {}
         self._evaluated: Dict[tuple, CandidateResult] = {}
         self._reward_bytes: Optional[int] = None  # set while reward models share the device
+        self._judge = None  # an LLM judge, set up when the sweep starts
         self.chat_template = config.chat_template.read_text() if config.chat_template else None
         self.inputs = self._fingerprints()
 
@@ -380,6 +382,11 @@ class Sweep:
         self._remove_old_report()
         for name in config.reward_models:  # before the first generation, not after it
             self.check_scorer(name)
+        if config.judge is not None:
+            from expo_eval.judge import Judge
+
+            self._judge = Judge(config.judge)
+            self._judge.check()
         try:
             if config.alphas is not None:
                 results = self._grid()
@@ -400,8 +407,11 @@ class Sweep:
         finally:
             self.release_backend()
             self.release_scorers()
+        if self._judge is not None:
+            results = self.judge(results)
+            chosen = next(r for r in results if r.split == "select" and r.alpha == chosen.alpha)
         flags = selection.problems(results) + reward_hacking_flags(results, chosen, config.selector)
-        flags += other_rule_flags(results, chosen, selection)
+        flags += other_rule_flags(results, chosen, selection) + judge_flags(results, chosen)
         written = set()
         for name, rows in self.generations.items():
             written.add(f"{name}.jsonl")
@@ -417,6 +427,44 @@ class Sweep:
         write_text(self.cache / "inputs.json", json.dumps(self.inputs, indent=2) + "\n")  # what this result used
         print_table(results, chosen, selection)
         return self._outcome(results, chosen, flags)
+
+    def judge(self, results: List[CandidateResult]) -> List[CandidateResult]:
+        """The judge's verdict on every reported candidate against alpha = 0, on the held-out
+        prompts where there are some; cached by both generations and the judge's prompt."""
+        from expo_eval.judge import summarize
+
+        split = "report" if self.splits["report"] else "select"
+        baseline = self._rows[(0.0, split)]
+        judged = []
+        for r in results:
+            if r.split == split and r.alpha != 0:
+                rows = self._rows[(r.alpha, split)]
+                key = digest({"judge": self._judge.fingerprint, "candidate": self.generation_key(r.alpha, split),
+                              "baseline": self.generation_key(0.0, split)})
+                path = self.cache / f"{key}.judge.json"
+                preferences = self._cached_preferences(path, len(rows))
+                if preferences is None:
+                    preferences = self._judge.preferences(
+                        [g.prompt for g in rows], [g.response for g in baseline], [g.response for g in rows]
+                    )
+                    write_text(path, json.dumps(preferences))
+                stats = summarize(preferences, [g.response for g in baseline], [g.response for g in rows], self._judge.config.model)
+                r = r.model_copy(update={"judge": stats})
+            judged.append(r)
+        return judged
+
+    def _cached_preferences(self, path, count: int) -> Optional[List[Optional[float]]]:
+        if not path.exists():
+            return None
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(values, list) and len(values) == count and all(v in (None, 1.0, 1.5, 2.0) for v in values):
+                return values
+        except (ValueError, OSError):
+            pass
+        LOG.warning("Discarding damaged cache entry %s; judging again", path)
+        _remove(path)
+        return None
 
     def _grid(self) -> Optional[List[CandidateResult]]:
         """Every candidate generated, the engine released, then everything scored."""

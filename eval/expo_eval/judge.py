@@ -1,0 +1,178 @@
+"""An LLM judge behind any OpenAI-compatible chat endpoint (`vllm serve`, llama.cpp's server, a
+hosted API): pairwise against alpha = 0, in both orders, scored as alpaca_eval scores.
+
+The prompt is one of alpaca_eval's own annotator templates (default: the one behind AlpacaEval
+2.0's classifier, which answers `m` or `M`), read from the installed package; the win rate is
+alpaca_eval's `get_winrate`. Its length-controlled win rate (`length_controlled_v1`) needs the
+AlpacaEval instruction-difficulty table from the Hub and only covers its 805 instructions, so the
+LC win rate here is alpaca_eval's `length_controlled_minimal` formula, fitted locally: a logistic
+regression of the preference on tanh(standardized length difference), read at no difference.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# alpaca_eval's preference encoding: 1 the baseline (output_1) wins, 2 the candidate wins, 1.5 a tie.
+BASELINE_WINS, CANDIDATE_WINS, TIE = 1.0, 2.0, 1.5
+
+
+class JudgeError(RuntimeError):
+    """The judge cannot be reached or does not answer in the template's format."""
+
+
+class JudgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vllm serve).")
+    model: str = Field(description="The judge model's name at that endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (local servers: any value).")
+    template: str = Field("alpaca_eval_clf_gpt4_turbo", description="alpaca_eval annotator whose prompt template the judge gets.")
+    max_retries: int = Field(6, ge=0, description="Retries per request, with exponential backoff (429, 5xx, timeouts).")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds per request.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+
+
+class JudgeStats(BaseModel):
+    """The judge's verdict on one candidate against alpha = 0 on the same prompts (percent)."""
+
+    judge: str
+    n: int
+    win_rate: float
+    win_rate_stderr: float
+    lc_win_rate: float
+    position_agreement: float  # share of prompts where both orders gave the same winner
+
+
+def template_text(name: str) -> str:
+    """The annotator's prompt template, from alpaca_eval's installed configs."""
+    import yaml
+    from alpaca_eval.constants import EVALUATORS_CONFIG_DIR
+
+    config_path = EVALUATORS_CONFIG_DIR / name / "configs.yaml"
+    if not config_path.is_file():
+        raise JudgeError(f"alpaca_eval has no annotator {name!r} (looked in {EVALUATORS_CONFIG_DIR})")
+    config = yaml.safe_load(config_path.read_text())[name]
+    return (EVALUATORS_CONFIG_DIR / config["prompt_template"]).read_text()
+
+
+class Judge:
+    """Asks the judge which of two outputs is better, once in each order."""
+
+    def __init__(self, config: JudgeConfig):
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise JudgeError("the LLM judge needs alpaca-eval and openai: pip install 'mergekit-expo[judge]'") from None
+        self.config = config
+        self.template = template_text(config.template)
+        self.client = OpenAI(
+            base_url=config.base_url,
+            api_key=os.environ.get(config.api_key_env) or "none",
+            max_retries=config.max_retries,
+            timeout=config.timeout_s,
+        )
+
+    def check(self) -> None:
+        """Before any generation: the endpoint answers and serves the judge model."""
+        from openai import OpenAIError
+
+        try:
+            served = [m.id for m in self.client.models.list()]
+        except OpenAIError as error:
+            raise JudgeError(f"judge endpoint {self.config.base_url}: {type(error).__name__}: {error}") from None
+        if served and self.config.model not in served:
+            raise JudgeError(f"judge endpoint {self.config.base_url} does not serve {self.config.model!r} (it serves {', '.join(served)})")
+
+    @property
+    def fingerprint(self) -> dict:
+        """What a cached verdict depends on: the judge model and the exact prompt."""
+        return {"model": self.config.model, "template": self.template}
+
+    def _ask(self, instruction: str, output_1: str, output_2: str) -> Optional[str]:
+        """'1' or '2' (the better output), None for an answer outside the template's format."""
+        from alpaca_eval.utils import prompt_to_chatml
+        from openai import OpenAIError
+
+        prompt = self.template
+        for key, value in (("{instruction}", instruction), ("{output_1}", output_1), ("{output_2}", output_2)):
+            prompt = prompt.replace(key, value)
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.config.model, messages=prompt_to_chatml(prompt), max_tokens=1, temperature=0
+            )
+        except OpenAIError as error:
+            raise JudgeError(
+                f"judge {self.config.model} at {self.config.base_url} failed after "
+                f"{self.config.max_retries} retries: {type(error).__name__}: {error}"
+            ) from None
+        answer = (reply.choices[0].message.content or "").strip()
+        return {"m": "1", "M": "2"}.get(answer[:1])
+
+    def preferences(
+        self, instructions: Sequence[str], baseline: Sequence[str], candidate: Sequence[str]
+    ) -> List[Optional[float]]:
+        """Per prompt, alpaca_eval's preference for the candidate over the baseline, from both
+        orders: a win only when both agree, a tie when they disagree, None when unparsable."""
+        jobs = [(i, b, c) for i, b, c in zip(instructions, baseline, candidate)]
+        with ThreadPoolExecutor(self.config.concurrency) as pool:
+            forward = list(pool.map(lambda job: self._ask(job[0], job[1], job[2]), jobs))
+            backward = list(pool.map(lambda job: self._ask(job[0], job[2], job[1]), jobs))
+        return [_combine(f, b) for f, b in zip(forward, backward)]
+
+
+def _combine(forward: Optional[str], backward: Optional[str]) -> Optional[float]:
+    """forward: the candidate was output_2; backward: it was output_1."""
+    if forward is None or backward is None:
+        return None
+    candidate_first = forward == "2"
+    candidate_second = backward == "1"
+    if candidate_first and candidate_second:
+        return CANDIDATE_WINS
+    if not candidate_first and not candidate_second:
+        return BASELINE_WINS
+    return TIE
+
+
+def summarize(
+    preferences: Sequence[Optional[float]], baseline: Sequence[str], candidate: Sequence[str], judge: str
+) -> JudgeStats:
+    """alpaca_eval's win rate, and the locally fitted length-controlled win rate."""
+    import pandas as pd
+    from alpaca_eval.metrics import get_winrate
+
+    rows = [(p, b, c) for p, b, c in zip(preferences, baseline, candidate) if p is not None]
+    if not rows:
+        raise JudgeError(f"judge {judge} gave no answer in the template's format (m or M)")
+    annotations = pd.DataFrame({"preference": [p for p, _, _ in rows]})
+    metrics = get_winrate(annotations)
+    return JudgeStats(
+        judge=judge,
+        n=len(rows),
+        win_rate=float(metrics["win_rate"]),
+        win_rate_stderr=float(metrics["standard_error"]),
+        lc_win_rate=length_controlled_win_rate(rows),
+        position_agreement=sum(p != TIE for p, _, _ in rows) / len(rows),
+    )
+
+
+def length_controlled_win_rate(rows) -> float:
+    """alpaca_eval's `length_controlled_minimal` GLM: P(candidate wins) = sigmoid(w * tanh(d) + b),
+    d the length difference (characters, candidate - baseline) over its standard deviation, and
+    the LC win rate is the prediction at d = 0. Ties count half a win in each direction."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    delta = np.array([len(c) - len(b) for _, b, c in rows], dtype=float)
+    spread = delta.std()
+    feature = np.tanh(delta / spread) if spread > 0 else np.zeros_like(delta)
+    wins = np.array([p - 1.0 for p, _, _ in rows])  # in [0, 1]
+    if wins.min() == wins.max():  # all wins or all losses: no model to fit
+        return float(100 * wins[0])
+    x = np.concatenate([feature, feature])[:, None]
+    y = np.concatenate([np.ones_like(wins), np.zeros_like(wins)])
+    weight = np.concatenate([wins, 1 - wins])
+    model = LogisticRegression(C=1e6).fit(x, y, sample_weight=weight)
+    return float(100 * model.predict_proba(np.zeros((1, 1)))[0, 1])

@@ -1,0 +1,114 @@
+"""The LLM judge against a stand-in OpenAI-compatible server on 127.0.0.1: both orders, retries,
+the win rates, its cache, and the sweep's use of it."""
+
+import json
+import os
+import socket
+
+import pytest
+from judge_server import MODEL, JudgeServer, always_first, longer
+from test_sweep import config
+
+from expo_eval.judge import CANDIDATE_WINS, TIE, Judge, JudgeConfig, JudgeError, length_controlled_win_rate, summarize
+
+pytest.importorskip("alpaca_eval")
+
+
+@pytest.fixture
+def server(request):
+    rule, failures = getattr(request, "param", (longer, 0))
+    server = JudgeServer(rule, failures=failures)
+    yield server
+    server.close()
+
+
+def judge(server, **overrides):
+    return Judge(JudgeConfig(base_url=server.url, model=MODEL, **overrides))
+
+
+def test_both_orders_and_a_win_only_when_they_agree(server):
+    instructions = ["a", "b", "c"]
+    baseline, candidate = ["short", "a much longer one", "same"], ["a longer answer", "tiny", "same"]
+    preferences = judge(server).preferences(instructions, baseline, candidate)
+    assert len(server.requests) == 6
+    # longer wins in both orders; equal lengths: "m" both times, i.e. each side wins once: a tie
+    assert preferences == [CANDIDATE_WINS, 1.0, TIE]
+    stats = summarize(preferences, baseline, candidate, MODEL)
+    assert stats.n == 3 and stats.win_rate == pytest.approx(50.0) and stats.position_agreement == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("server", [(always_first, 0)], indirect=True)
+def test_a_judge_that_only_sees_position_gives_ties(server):
+    preferences = judge(server).preferences(["a", "b"], ["x", "y"], ["xx", "yy"])
+    assert preferences == [TIE, TIE]
+    assert summarize(preferences, ["x", "y"], ["xx", "yy"], MODEL).position_agreement == 0
+
+
+@pytest.mark.parametrize("server", [(longer, 3)], indirect=True)
+def test_server_errors_are_retried(server):
+    assert judge(server, max_retries=4).preferences(["a"], ["x"], ["xxxx"]) == [CANDIDATE_WINS]
+    assert len(server.requests) == 2 + 3
+
+
+@pytest.mark.parametrize("server", [(longer, 10)], indirect=True)
+def test_a_judge_that_keeps_failing_is_a_clear_error(server):
+    with pytest.raises(JudgeError, match=r"failed after 1 retries.*InternalServerError"):
+        judge(server, max_retries=1).preferences(["a"], ["x"], ["xxxx"])
+
+
+def test_the_key_comes_from_the_environment(server, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+    judge(server, api_key_env="JUDGE_KEY").preferences(["a"], ["x"], ["xx"])
+    assert server.keys == {"Bearer secret"}
+
+
+def test_unreachable_or_wrong_model_is_found_before_any_work(server):
+    with pytest.raises(JudgeError, match="does not serve 'other'"):
+        Judge(JudgeConfig(base_url=server.url, model="other")).check()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(JudgeError, match=f"127.0.0.1:{port}"):
+        Judge(JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL, max_retries=0)).check()
+
+
+def test_length_control_discounts_a_length_biased_judge():
+    """Wins that length explains entirely: the raw win rate is 70%, the length-controlled one ~50%."""
+    rows = [(CANDIDATE_WINS if i < 70 else 1.0, "b" * 50, "c" * (60 + i) if i < 70 else "c" * (40 - i % 30)) for i in range(100)]
+    raw = summarize([p for p, _, _ in rows], [b for _, b, _ in rows], [c for _, _, c in rows], MODEL)
+    assert raw.win_rate == pytest.approx(70.0)
+    assert 40 <= length_controlled_win_rate(rows) <= 60
+    assert length_controlled_win_rate([(CANDIDATE_WINS, "b", "cc")] * 3) == 100.0
+
+
+def test_the_sweep_judges_the_choice_against_alpha_zero_and_caches_it(recipe, reward_model, tmp_path, server):
+    from expo_eval.sweep import Sweep
+
+    out = tmp_path / "out"
+    settings = dict(judge={"base_url": server.url, "model": MODEL}, alphas=[0.5, 2.0], include_sft=True)
+    outcome = Sweep(config(recipe, out, reward_model, **settings)).run()
+    document = json.loads((out / "results.json").read_text())
+    judged = [c for c in document["candidates"] if c["judge"] is not None]
+    assert {(c["label"], c["split"]) for c in judged} == {("sft", "report"), (outcome.chosen.label, "report")} - {("alpha=0", "report")}
+    report_n = next(c["n"] for c in document["candidates"] if c["split"] == "report")
+    assert all(c["judge"]["n"] == report_n and c["judge"]["judge"] == MODEL for c in judged)
+    requests = len(server.requests)
+    assert requests == 2 * report_n * len(judged)
+    Sweep(config(recipe, out, reward_model, **settings)).run()
+    assert len(server.requests) == requests  # every verdict came from the cache
+    assert "judge" in (out / "results.csv").read_text().splitlines()[0]
+
+
+def test_cli_refuses_an_unreachable_judge_before_generating(recipe, reward_model, tmp_path):
+    from conftest import run_cli
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    os.environ["PYTHONPATH"] = os.path.dirname(__file__)
+    result = run_cli("mergekit-expo", "sweep", recipe, "--out", out, "--alphas", "0.5", "--prompts", "smoke",
+                     "--limit", "2", "--reward-model", reward_model, "--judge-base-url", f"http://127.0.0.1:{port}/v1",
+                     "--judge-model", MODEL, "--judge-max-retries", "0", check=False)
+    assert result.returncode != 0 and "judge endpoint" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "cache").exists() or not list((out / "cache").glob("*.jsonl"))
