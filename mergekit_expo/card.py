@@ -162,6 +162,7 @@ class SweepRow(BaseModel):
     selection_value: Optional[float] = None
     collapsed: bool = False
     judge: Optional[Dict[str, Union[str, float]]] = None  # an LLM judge against alpha 0 (win rates in %)
+    lm_eval: Optional[Dict[str, Dict[str, float]]] = None  # lm-evaluation-harness, {task: {metric: value}}
 
 
 class SweepRecord(BaseModel):
@@ -210,6 +211,11 @@ def _sweep_table(title: str, rows: List[SweepRow], scorers: List[str], select: b
     judged = any(row.judge for row in rows)
     header = ["candidate", *scorers] + (["KL (nats)", "rule value", "collapsed"] if select else [])
     header += ["judge win rate vs alpha 0 (LC)"] if judged else []
+    capabilities = list(dict.fromkeys(
+        (task, metric) for row in rows for task, metrics in (row.lm_eval or {}).items()
+        for metric in metrics if "stderr" not in metric and metric != "sample_len"
+    ))
+    header += [f"{task} {metric} (lm-eval)" for task, metric in capabilities]
     lines = [f"{title}, mean ± standard error over {rows[0].n if rows else 0} prompts:", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -218,6 +224,7 @@ def _sweep_table(title: str, rows: List[SweepRow], scorers: List[str], select: b
             cells += [_number(row.kl, ".3g"), _number(row.selection_value, ".4g"), "yes" if row.collapsed else "no"]
         if judged:
             cells.append(f"{row.judge['win_rate']:.1f}% ({row.judge['lc_win_rate']:.1f}%)" if row.judge else "")
+        cells += [_number((row.lm_eval or {}).get(task, {}).get(metric), ".4g") for task, metric in capabilities]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

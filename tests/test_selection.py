@@ -89,10 +89,13 @@ def test_a_kl_estimate_that_is_not_a_distance_is_left_out_and_named():
     assert Selection(RM, "reward-max").problems(results) == []
 
 
-def test_kl_bound_refuses_scores_without_spread():
+def test_kl_bound_without_spread_says_it_chose_as_reward_max():
     flat = BASELINE.model_copy(update={"scores": {RM: BASELINE.scores[RM].model_copy(update={"stderr": 0.0})}})
-    with pytest.raises(SelectionError, match="spread.*--select reward-max"):
-        choose_alpha([with_kl(flat, 0.0), with_kl(candidate(8.0, 2.0), 50.0)], Selection(RM))
+    results = [with_kl(flat, 0.0), with_kl(candidate(8.0, 2.0), 50.0)]
+    assert choose_alpha(results, Selection(RM)).alpha == 8.0
+    (warning,) = Selection(RM).problems(results)
+    assert "no spread" in warning and "as reward-max does" in warning
+    assert Selection(RM).problems(curve()) == []
 
 
 def test_the_other_rules_choice_is_reported_when_it_differs():

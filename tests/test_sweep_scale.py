@@ -4,6 +4,7 @@ import json
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from click.testing import CliRunner
 from conftest import expo_recipe, run_cli, write_recipe
 
@@ -23,18 +24,21 @@ def flags(**given):
 
 
 def test_every_config_field_has_a_flag():
-    from expo_eval.cli import FLAGS
+    """Every leaf of SweepConfig, nested models (optional ones too) included, has a flag."""
+    from expo_eval.cli import FLAGS, _unwrap
 
-    leaves = {path for path in FLAGS.values()}
-    for name, info in SweepConfig.model_fields.items():
-        if name == "recipe":
-            continue
-        nested = getattr(info.annotation, "model_fields", None)
-        if nested and name != "search":
-            assert {(name, inner) for inner in nested} <= leaves, name
-        else:
-            assert (name,) in leaves or name == "search", name
-    assert {("search", inner) for inner in SweepConfig.model_fields["search"].annotation.__args__[0].model_fields} <= leaves
+    leaves = set(FLAGS.values())
+
+    def expected(model, path=()):
+        for name, info in model.model_fields.items():
+            inner = _unwrap(info.annotation)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                yield from expected(inner, (*path, name))
+            else:
+                yield (*path, name)
+
+    assert set(expected(SweepConfig)) - {("recipe",)} <= leaves
+    assert {("judge", "model"), ("lm_eval", "tasks"), ("search", "low"), ("engine", "kv_cache_gib")} <= leaves
 
 
 def test_zero_and_false_are_values_and_flags_override_yaml(tmp_path, recipe):
@@ -110,7 +114,9 @@ def test_sharded_sweep_equals_one_process(recipe, reward_model, tmp_path, monkey
               "--reward-model", reward_model, "--device", "cpu"]
     run_cli("mergekit-expo", "sweep", recipe, "--out", tmp_path / "one", *common)
     sharded = run_cli("mergekit-expo", "sweep", recipe, "--out", tmp_path / "two", "--gpus", "0,1", *common)
-    assert "Generated 4 candidate runs" in sharded.stdout  # by the shards: 0, 0.5, 2 and SFT
+    chosen = json.loads((tmp_path / "two" / "results.json").read_text())["chosen_alpha"]
+    # by the shards: 0, 0.5, 2 and SFT; by the caller: the chosen alpha's held-out prompts, unless 0
+    assert f"Generated {4 + (chosen != 0)} candidate runs" in sharded.stdout
     shard_logs = sorted((tmp_path / "two" / "shards").glob("shard-*.yaml"))
     assert len(shard_logs) == 2
     assert [yaml.safe_load(p.read_text())["alphas"] for p in shard_logs] == [[0.0, 2.0], [0.5]]

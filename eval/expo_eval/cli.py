@@ -39,8 +39,9 @@ SPECIAL = {
     ("reward_models",): dict(decls=["--reward-model", "reward_models"], multiple=True),
     ("alphas",): dict(type=CommaList(float)),
     ("gpus",): dict(type=CommaList(str, metavar="GPU,...")),
+    ("lm_eval", "tasks"): dict(decls=["--lm-eval-task", "lm_eval_tasks"], multiple=True, help="lm-eval task to run on alpha 0 and the chosen alpha (repeatable; local ones need --lm-eval-include-path)."),
 }
-PREFIXED = {"search", "judge"}  # nested models whose flags carry the field name: --search-low, --judge-model ...
+PREFIXED = {"search", "judge", "lm_eval"}  # nested models whose flags carry the field name: --search-low, --judge-model ...
 
 
 def _unwrap(annotation):
@@ -145,6 +146,8 @@ def _describe(error: ValidationError, config_file: Optional[str]) -> str:
         label = f"--{name.replace('_', '-')} ({where})" if name else where
         if name == "reward_models":
             label = f"--reward-model ({where})"
+        if name == "lm_eval_tasks":
+            label = f"--lm-eval-task ({where})"
         if name == "search_range":
             label = f"--search ({where})"
         lines.append(f"{label}: {problem['msg']}")
@@ -161,6 +164,7 @@ def sweep(recipe, config_file, **flags):
     from expo_eval.lock import SweepLockedError
     from expo_eval.selection import SelectionError
     from expo_eval.judge import JudgeError
+    from expo_eval.capability import CapabilityError
     from expo_eval.prompts import PromptError
     from expo_eval.scoring import ScorerError
     from expo_eval.backends import BackendError
@@ -170,7 +174,7 @@ def sweep(recipe, config_file, **flags):
     config = build_config(recipe, config_file, flags)
     try:
         outcome = Sweep(config).run()
-    except (RecipeError, PromptError, ScorerError, BackendError, SweepLockedError, SelectionError, JudgeError) as error:
+    except (RecipeError, PromptError, ScorerError, BackendError, SweepLockedError, SelectionError, JudgeError, CapabilityError) as error:
         raise click.ClickException(str(error)) from None
     if outcome.chosen is None:
         click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused}; nothing scored (generate_only).")

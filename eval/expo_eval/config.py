@@ -7,6 +7,7 @@ from typing import List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
 
+from expo_eval.capability import LmEvalConfig
 from expo_eval.judge import JudgeConfig
 from expo_eval.selection import DEFAULT_REWARD_ACCURACY, Rule, Selection
 from mergekit_expo.rules import check_alpha
@@ -130,6 +131,9 @@ class SweepConfig(BaseModel):
     keep_models: bool = Field(False, description="Keep the checkpoints --materialize writes.")
     judge: Optional[JudgeConfig] = Field(
         None, description="An LLM judge (OpenAI-compatible endpoint) comparing each reported alpha with alpha 0."
+    )
+    lm_eval: Optional[LmEvalConfig] = Field(
+        None, description="lm-evaluation-harness tasks on the in-place candidates: a capability guard for alpha 0 and the chosen alpha."
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)

@@ -49,6 +49,8 @@ class CandidateResult(BaseModel):
     # what the selection rule maximized (expo_eval.selection); select-split alphas only
     selection_value: Optional[float] = None
     judge: Optional[JudgeStats] = None  # against alpha = 0 on the same prompts
+    # lm-eval results on this candidate's weights, {task: {metric: value}} (select rows only)
+    capability: Dict[str, Dict[str, float]] = Field(default_factory=dict)
     timing: Dict[str, float] = Field(default_factory=dict)
     collapsed: bool = False
     collapse_reasons: List[str] = Field(default_factory=list)

@@ -81,6 +81,8 @@ def results_csv(results: List[CandidateResult], selection: Selection) -> str:
     header += ["collapsed", "collapse_reasons"]
     judged = any(r.judge is not None for r in results)
     header += [f"judge:{key}" for key in JUDGE_FIELDS] if judged else []
+    capabilities = capability_columns(results)
+    header += [f"lm_eval:{task}:{metric}" for task, metric in capabilities]
     header += [f"timing:{key}" for key in timings]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -94,9 +96,15 @@ def results_csv(results: List[CandidateResult], selection: Selection) -> str:
         row += [_blank(r.selection_value), r.collapsed]
         row += ["; ".join(r.collapse_reasons)]
         row += [_blank(getattr(r.judge, key, None)) for key in JUDGE_FIELDS] if judged else []
+        row += [_blank(r.capability.get(task, {}).get(metric)) for task, metric in capabilities]
         row += [_blank(r.timing.get(key)) for key in timings]
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def capability_columns(results: List[CandidateResult]) -> List[tuple]:
+    """(task, metric) for every lm-eval figure any candidate has, in order of appearance."""
+    return list(dict.fromkeys((task, metric) for r in results for task, metrics in r.capability.items() for metric in metrics))
 
 
 def _blank(value):
@@ -121,6 +129,8 @@ def sweep_record(
             entry.update(kl=_rounded(r.kl), selection_value=_rounded(r.selection_value), collapsed=r.collapsed)
         if r.judge is not None:
             entry["judge"] = {"model": r.judge.judge, "win_rate": _rounded(r.judge.win_rate), "lc_win_rate": _rounded(r.judge.lc_win_rate)}
+        if r.capability:
+            entry["lm_eval"] = {task: {k: _rounded(v) for k, v in metrics.items()} for task, metrics in r.capability.items()}
         return entry
 
     split = card_split(results)
@@ -410,6 +420,15 @@ def write_report(
     write_plots(out_dir, results, chosen, selection.scorer, generations)
 
 
+def _capability_cell(result: CandidateResult) -> str:
+    return "; ".join(
+        f"{task} {metric} {value:.3g}"
+        for task, metrics in result.capability.items()
+        for metric, value in metrics.items()
+        if "stderr" not in metric and metric != "sample_len"
+    )
+
+
 def _judge_cell(result: CandidateResult) -> str:
     if result.judge is None:
         return ""
@@ -449,6 +468,7 @@ def print_table(
         "KL (nats)",
         selection.rule,
         *(["judge win / LC"] if any(r.judge is not None for r in results) else []),
+        *(["lm-eval"] if any(r.capability for r in results) else []),
         "status",
     ):
         table.add_column(
@@ -469,6 +489,7 @@ def print_table(
             "" if r.kl is None else f"{r.kl:.3g}",
             "" if r.selection_value is None else f"{r.selection_value:.3f}",
             *([_judge_cell(r)] if any(x.judge is not None for x in results) else []),
+            *([_capability_cell(r)] if any(x.capability for x in results) else []),
             _status(r, is_chosen),
             style="red" if r.collapsed else "bold green" if is_chosen else None,
         )

@@ -252,3 +252,29 @@ def judge_flags(results: List[CandidateResult], chosen: CandidateResult) -> List
                 f"win rate {stats.win_rate:.1f}% ± {stats.win_rate_stderr:.1f} (length-controlled {stats.lc_win_rate:.1f}%)"
             )
     return flags
+
+
+# A capability metric must fall by this many standard errors of the difference to warn.
+CAPABILITY_DROP_Z = 2.0
+
+
+def capability_flags(results: List[CandidateResult], chosen: CandidateResult) -> List[str]:
+    """Warnings where the chosen alpha scores lower than alpha = 0 on an lm-eval task, beyond noise.
+    Every metric is read as higher-is-better (accuracy, exact match); perplexity-like ones are not."""
+    base = next((r for r in results if r.split == "select" and r.alpha == 0 and r.capability), None)
+    if base is None or chosen.alpha == 0 or not chosen.capability:
+        return []
+    flags = []
+    for task, metrics in chosen.capability.items():
+        for metric, value in metrics.items():
+            if "stderr" in metric or metric == "sample_len" or metric not in base.capability.get(task, {}):
+                continue
+            stderr_key = metric.replace("/", "_stderr/", 1) if "/" in metric else f"{metric}_stderr"
+            stderr = math.hypot(metrics.get(stderr_key, 0.0), base.capability[task].get(stderr_key, 0.0))
+            drop = base.capability[task][metric] - value
+            if drop > CAPABILITY_DROP_Z * stderr and drop > 0:
+                flags.append(
+                    f"{task} {metric} falls from {base.capability[task][metric]:.3g} at alpha=0 to {value:.3g} at "
+                    f"{chosen.label} (± {stderr:.2g}): extrapolation may cost this capability"
+                )
+    return flags

@@ -59,11 +59,6 @@ class Selection:
         if baseline is None:
             raise SelectionError("the kl-bound rule needs alpha = 0 on the select prompts")
         spread = baseline.scores[self.scorer].stderr * math.sqrt(baseline.n)
-        if not spread > 0:
-            raise SelectionError(
-                f"the kl-bound rule needs the spread of {self.scorer}'s scores on alpha=0, and it is 0 over "
-                f"{baseline.n} prompts: give more prompts, or choose with --select reward-max"
-            )
         return spread * math.cos(math.pi * (self.reward_accuracy - 0.5))
 
     def value(self, result: CandidateResult, baseline: Optional[CandidateResult]) -> Optional[float]:
@@ -82,10 +77,16 @@ class Selection:
         return mean - self.error_sd(baseline) * math.sqrt(2 * max(result.kl, 0.0))
 
     def problems(self, results: List[CandidateResult]) -> List[str]:
-        """Warnings for candidates kl-bound left out because their KL estimate is not a distance."""
+        """Warnings where kl-bound could not do its job: no spread of scores to scale its penalty
+        (it then chose as reward-max does), or candidates whose KL estimate is not a distance."""
         if self.rule != "kl-bound":
             return []
-        return [
+        baseline = baseline_of(results)
+        flat = [] if baseline is None or self.error_sd(baseline) > 0 else [
+            f"kl-bound had no spread of {self.scorer}'s scores on alpha=0 ({baseline.n} prompts) to scale its "
+            "KL penalty, so it chose as reward-max does: give more prompts"
+        ]
+        return flat + [
             f"{r.label}: the KL estimate {r.kl:.3g} ± {r.kl_stderr or 0:.2g} is below zero by more than "
             f"{KL_BELOW_ZERO_Z:g} standard errors (the responses were sampled with temperature, top-k/top-p "
             "and penalties, the log-probabilities are the models' own), so kl-bound did not consider it: "

@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from expo_eval.candidates import load_recipe
 from expo_eval.config import SweepConfig
@@ -35,6 +35,7 @@ from expo_eval.records import CandidateResult, Generation, ScoreStats, Split
 from expo_eval.report import print_table, remove_report, write_report
 from expo_eval.scoring import FUNCTION_SPEC, Scorer, ScorerError, check_scores, load_scorer
 from expo_eval.search import (
+    capability_flags,
     choose_alpha,
     judge_flags,
     other_rule_flags,
@@ -323,20 +324,26 @@ class Sweep:
             for row, value in zip(rows, values):
                 row.scores[name] = value
 
-    def _cached_scores(self, path, count: int) -> Optional[List[float]]:
-        """Cached scores, or None (with a warning) when the entry is damaged."""
+    def _cached(self, path, valid: Callable[[object], bool]):
+        """A cache entry that `valid` accepts, or None (with a warning, the entry removed) when
+        it is damaged; None too when there is none."""
+        if not path.exists():
+            return None
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
-            valid = isinstance(values, list) and len(values) == count and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
-            )
+            if valid(values):
+                return values
         except (ValueError, OSError):
-            valid = False
-        if valid:
-            return values
+            pass
         LOG.warning("Discarding damaged cache entry %s; computing it again", path)
         _remove(path)
         return None
+
+    def _cached_scores(self, path, count: int) -> Optional[List[float]]:
+        """Cached scores: one finite number per response."""
+        return self._cached(path, lambda values: isinstance(values, list) and len(values) == count and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ))
 
     def evaluate(self, alpha: Optional[float], split: Split) -> CandidateResult:
         """Generate, score and summarize one candidate on one split (memoized)."""
@@ -382,6 +389,10 @@ class Sweep:
         self._remove_old_report()
         for name in config.reward_models:  # before the first generation, not after it
             self.check_scorer(name)
+        if config.lm_eval is not None:
+            from expo_eval.capability import check_tasks
+
+            check_tasks(config.lm_eval)
         if config.judge is not None:
             from expo_eval.judge import Judge
 
@@ -409,9 +420,12 @@ class Sweep:
             self.release_scorers()
         if self._judge is not None:
             results = self.judge(results)
-            chosen = next(r for r in results if r.split == "select" and r.alpha == chosen.alpha)
+        if config.lm_eval is not None:
+            results = self.capability(results, chosen)
+        chosen = next(r for r in results if r.split == "select" and r.alpha == chosen.alpha)
         flags = selection.problems(results) + reward_hacking_flags(results, chosen, config.selector)
         flags += other_rule_flags(results, chosen, selection) + judge_flags(results, chosen)
+        flags += capability_flags(results, chosen)
         written = set()
         for name, rows in self.generations.items():
             written.add(f"{name}.jsonl")
@@ -453,18 +467,52 @@ class Sweep:
             judged.append(r)
         return judged
 
-    def _cached_preferences(self, path, count: int) -> Optional[List[Optional[float]]]:
-        if not path.exists():
-            return None
+    def capability(self, results: List[CandidateResult], chosen: CandidateResult) -> List[CandidateResult]:
+        """lm-eval's tasks on alpha 0 and the chosen alpha (or every alpha), each candidate built in
+        place in a transformers model (whatever the generation backend); cached by the candidate's
+        inputs, the task settings and the task files' contents."""
+        from expo_eval.backends import make_backend
+        from expo_eval.capability import run_lm_eval
+
+        settings = self.config.lm_eval
+        select = [r for r in results if r.split == "select" and r.alpha is not None]
+        alphas = [r.alpha for r in select] if settings.every_alpha else sorted({0.0, chosen.alpha})
+        tasks = {
+            "settings": settings.model_dump(mode="json", exclude={"every_alpha", "batch_size"}),
+            "files": model_fingerprint(str(settings.include_path)) if settings.include_path else None,
+        }
+        models = {name: value for name, value in self.inputs.items() if not name.startswith("scorer ")}
+        measured, backend = {}, None
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(values, list) and len(values) == count and all(v in (None, 1.0, 1.5, 2.0) for v in values):
-                return values
-        except (ValueError, OSError):
-            pass
-        LOG.warning("Discarding damaged cache entry %s; judging again", path)
-        _remove(path)
-        return None
+            for alpha in alphas:
+                path = self.cache / f"{digest({'recipe': self.recipe_text, 'inputs': models, 'alpha': alpha, 'tasks': tasks})}.lm_eval.json"
+                measured[alpha] = self._cached_capability(path)
+                if measured[alpha] is None:
+                    if backend is None:
+                        backend = make_backend(self.config.model_copy(update={"backend": "transformers", "materialize": False}), self.recipe_text, self.recipe)
+                    backend.load_candidate(alpha)
+                    measured[alpha] = run_lm_eval(backend.model, backend.tokenizer, settings, backend.device)
+                    write_text(path, json.dumps(measured[alpha]))
+        finally:
+            if backend is not None:
+                backend.close()
+                _free_memory()
+        return [
+            r.model_copy(update={"capability": measured[r.alpha]}) if r.split == "select" and r.alpha in measured else r
+            for r in results
+        ]
+
+    def _cached_capability(self, path) -> Optional[Dict[str, Dict[str, float]]]:
+        """Cached lm-eval results: finite numbers by metric, by task."""
+        return self._cached(path, lambda values: isinstance(values, dict) and all(
+            isinstance(metrics, dict) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in metrics.values())
+            for metrics in values.values()
+        ))
+
+    def _cached_preferences(self, path, count: int) -> Optional[List[Optional[float]]]:
+        """Cached judge verdicts: alpaca_eval preferences (or None), one per prompt."""
+        return self._cached(path, lambda values: isinstance(values, list) and len(values) == count
+                            and all(v in (None, 1.0, 1.5, 2.0) for v in values))
 
     def _grid(self) -> Optional[List[CandidateResult]]:
         """Every candidate generated, the engine released, then everything scored."""

@@ -1,0 +1,160 @@
+"""Capability guard: lm-evaluation-harness benchmarks on the sweep's in-memory model.
+
+Extrapolation can buy reward at the cost of general ability; running a few lm-eval
+tasks on alpha 0 and the chosen alpha shows whether it did. lm-eval is an optional
+extra (`pip install 'mergekit-expo[lm-eval]'`), imported only when a run needs it.
+
+Metric names: lm-eval reports `NAME,FILTER` keys (`acc,none`, `exact_match,strict-match`);
+they become `NAME` when the filter is `none` and `NAME/FILTER` otherwise (`acc`,
+`exact_match/strict-match`). Standard errors are kept as the metrics lm-eval names
+them, `acc_stderr` beside `acc` (`exact_match_stderr/strict-match`): with the few
+examples a guard runs, a drop means little without its error bar.
+"""
+
+import difflib
+import functools
+import math
+import random
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+INSTALL_HINT = "pip install 'mergekit-expo[lm-eval]'"
+SEED = 1234  # every seed lm-eval takes: python, numpy, torch and few-shot sampling
+# Resamples for the stderr of bootstrapped metrics (perplexity, f1, bleu...); lm-eval's
+# default of 100000 takes minutes per task. Mean metrics such as acc have a closed form.
+BOOTSTRAP_ITERS = 1000
+
+
+class CapabilityError(ValueError):
+    """An lm-eval run that cannot happen: lm-eval missing, a task unknown or its data unreachable."""
+
+
+class LmEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: List[str] = Field(min_length=1, description="lm-eval tasks, groups or tags to run, e.g. hellaswag,arc_easy.")
+    include_path: Optional[Path] = Field(
+        None, description="Folder of extra lm-eval task YAMLs (local tasks; they override built-in ones of the same name)."
+    )
+    limit: Optional[int] = Field(None, gt=0, description="Evaluate at most N examples per task (default: all).")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="Few-shot examples per prompt (default: each task's own).")
+    batch_size: int = Field(8, gt=0, description="Requests per lm-eval forward pass.")
+    every_alpha: bool = Field(False, description="Run on every alpha, not just alpha 0 and the chosen one.")
+
+    @field_validator("include_path")
+    @classmethod
+    def _is_folder(cls, path: Optional[Path]) -> Optional[Path]:
+        if path is not None and not path.is_dir():
+            raise ValueError(f"{path} is not a folder of task YAMLs")
+        return path
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        import lm_eval.models.huggingface
+        import lm_eval.tasks
+    except ImportError as error:
+        raise CapabilityError(f"lm-eval is not installed ({error}): {INSTALL_HINT}") from None
+    return lm_eval
+
+
+@functools.lru_cache(maxsize=None)
+def _task_manager(include_path: Optional[str]):
+    """One TaskManager per task folder and process: indexing lm-eval's thousands of task
+    YAMLs takes seconds, so a YAML added to the folder later is not seen."""
+    return _lm_eval().tasks.TaskManager(include_path=include_path)
+
+
+def _manager(config: LmEvalConfig):
+    manager = _task_manager(str(config.include_path.resolve()) if config.include_path else None)
+    unknown = [name for name in config.tasks if name not in manager.all_tasks]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+            hints.append(f"{name!r} (did you mean {', '.join(close)}?)" if close else repr(name))
+        where = f"nor in include_path {config.include_path}" if config.include_path else "(a local task's YAML needs include_path)"
+        raise CapabilityError(f"unknown lm-eval task {', '.join(hints)}: not among lm-eval's tasks {where}")
+    return manager
+
+
+def check_tasks(config: LmEvalConfig) -> None:
+    """Fail before any model work: every task must be known and its data loadable now (offline too)."""
+    manager = _manager(config)
+    # TaskManager.load arrived in lm-eval 0.4.12; older releases only have load_task_or_group.
+    load = getattr(manager, "load", None) or manager.load_task_or_group
+    for name in config.tasks:
+        try:
+            load([name])
+        except Exception as error:
+            raise CapabilityError(
+                f"lm-eval task {name!r} could not be loaded ({type(error).__name__}: {error}); offline, its data must be "
+                "local (dataset_path: json with dataset_kwargs.data_files) or already in the Hugging Face datasets cache"
+            ) from error
+
+
+def run_lm_eval(model, tokenizer, config: LmEvalConfig, device: str) -> Dict[str, Dict[str, float]]:
+    """{task: {metric: value}} for an already loaded transformers model, evaluated as it is.
+
+    The model is used in place (moved to `device` first if it is elsewhere), so a sweep
+    evaluates each candidate it loaded without reloading it. Groups appear beside their
+    subtasks; only finite numbers are kept, `sample_len` (examples evaluated; lm-eval
+    0.4.12 on) among them. Call check_tasks first: this checks task names, but a
+    dataset that cannot be loaded fails only inside lm-eval, after the model was wrapped.
+    """
+    lm_eval = _lm_eval()
+    manager = _manager(config)
+    target = torch.device(device)
+    if model.device.type != target.type or (target.index is not None and model.device.index != target.index):
+        model.to(target)
+    lm = lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size)
+    with _rng_kept():
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(config.tasks),
+            num_fewshot=config.num_fewshot,
+            limit=config.limit,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+            log_samples=False,
+            task_manager=manager,
+            random_seed=SEED,
+            numpy_random_seed=SEED,
+            torch_random_seed=SEED,
+            fewshot_random_seed=SEED,
+        )
+    results = {}
+    for task, metrics in output["results"].items():
+        values = {
+            _metric_name(key): float(value)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        }
+        if values:
+            results[task] = values
+    return results
+
+
+def _metric_name(key: str) -> str:
+    name, _, filter_name = key.partition(",")
+    return name if filter_name in ("", "none") else f"{name}/{filter_name}"
+
+
+@contextmanager
+def _rng_kept():
+    """lm-eval seeds the global generators; put them back so a guard run shifts no other random stream."""
+    states = random.getstate(), numpy.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        numpy.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
