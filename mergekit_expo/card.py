@@ -152,6 +152,14 @@ def _alpha_table(summary: Optional[stats.Summary]) -> str:
     return f"\n| module | min alpha | max alpha |\n|---|---|---|\n{rows}\n"
 
 
+class JudgeCell(BaseModel):
+    """An LLM judge's win rates (%) against alpha 0, as the record holds them."""
+
+    model: str
+    win_rate: float
+    lc_win_rate: float
+
+
 class SweepRow(BaseModel):
     """One candidate of a sweep, as best.yaml's `expo_sweep` record holds it."""
 
@@ -161,7 +169,7 @@ class SweepRow(BaseModel):
     kl: Optional[float] = None
     selection_value: Optional[float] = None
     collapsed: bool = False
-    judge: Optional[Dict[str, Union[str, float]]] = None  # an LLM judge against alpha 0 (win rates in %)
+    judge: Optional[JudgeCell] = None  # an LLM judge against alpha 0
     lm_eval: Optional[Dict[str, Dict[str, float]]] = None  # lm-evaluation-harness, {task: {metric: value}}
 
 
@@ -199,7 +207,11 @@ def sweep_section(config_yaml: str, parameters: Dict[str, object]) -> str:
         f"Sweep results: `{record.results}` (sha256 {record.results_sha256[:16]}).",
     ]
     alpha = parameters.get("alpha")
-    if alpha != record.chosen_alpha:
+    try:
+        same = float(alpha) == record.chosen_alpha
+    except (TypeError, ValueError):  # a per-module list, or no alpha
+        same = False
+    if not same:
         lines.append(f"\n> **Note:** this merge uses alpha = {alpha}, not the {record.chosen_alpha:g} the sweep chose.")
     lines += ["", *_sweep_table("Select prompts (alpha was chosen here)", record.select, record.scorers, True)]
     if record.held_out:
@@ -223,7 +235,7 @@ def _sweep_table(title: str, rows: List[SweepRow], scorers: List[str], select: b
         if select:
             cells += [_number(row.kl, ".3g"), _number(row.selection_value, ".4g"), "yes" if row.collapsed else "no"]
         if judged:
-            cells.append(f"{row.judge['win_rate']:.1f}% ({row.judge['lc_win_rate']:.1f}%)" if row.judge else "")
+            cells.append(f"{row.judge.win_rate:.1f}% ({row.judge.lc_win_rate:.1f}%)" if row.judge else "")
         cells += [_number((row.lm_eval or {}).get(task, {}).get(metric), ".4g") for task, metric in capabilities]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -196,3 +196,37 @@ def test_cli_names_an_unknown_task_before_generating(recipe, reward_model, task_
                      "--reward-model", reward_model, "--lm-eval-task", "no_such_task_xyz", "--lm-eval-include-path", task_dir, check=False)
     assert result.returncode != 0 and "no_such_task_xyz" in result.stderr and "Traceback" not in result.stderr
     assert not list(out.glob("cache/*.jsonl"))
+
+
+def test_lower_is_better_metrics_are_named_and_judged_that_way():
+    from expo_eval.capability import LOWER_IS_BETTER
+    from expo_eval.records import CandidateResult
+    from expo_eval.search import capability_flags
+
+    ppl = "word_perplexity" + LOWER_IS_BETTER
+    stderr = "word_perplexity_stderr" + LOWER_IS_BETTER
+
+    def result(alpha, perplexity, acc):
+        metrics = {"acc": acc, "acc_stderr": 0.01, ppl: perplexity, stderr: 0.5}
+        return CandidateResult(alpha=alpha, label=f"alpha={alpha:g}", split="select", n=10, scores={},
+                               mean_tokens=1, length_cut_share=0, repetition=0, capability={"t": metrics})
+
+    base = result(0.0, 20.0, 0.5)
+    better = result(0.5, 10.0, 0.5)
+    worse = result(0.5, 40.0, 0.4)
+    assert capability_flags([base, better], better) == []
+    flags = capability_flags([base, worse], worse)
+    assert len(flags) == 2 and any(ppl in f for f in flags) and any(f.startswith("t acc ") for f in flags)
+
+
+def test_an_edited_data_file_outside_the_task_folder_changes_the_fingerprint(tmp_path):
+    from expo_eval.capability import task_fingerprint
+
+    data, tasks = tmp_path / "data.json", tmp_path / "tasks"
+    tasks.mkdir()
+    data.write_text('{"q": 1}\n')
+    (tasks / "t.yaml").write_text(f"task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\nprocess_docs: !function utils.process\n")
+    config = LmEvalConfig(tasks=["t"], include_path=tasks)
+    before = task_fingerprint(config)
+    data.write_text('{"q": 2}\n')
+    assert task_fingerprint(config) != before

@@ -52,7 +52,7 @@ def test_server_errors_are_retried(server):
 
 @pytest.mark.parametrize("server", [(longer, 10)], indirect=True)
 def test_a_judge_that_keeps_failing_is_a_clear_error(server):
-    with pytest.raises(JudgeError, match=r"failed after 1 retries.*InternalServerError"):
+    with pytest.raises(JudgeError, match=r"failed \(up to 1 retries.*InternalServerError"):
         judge(server, max_retries=1).preferences(["a"], ["x"], ["xxxx"])
 
 
@@ -112,3 +112,49 @@ def test_cli_refuses_an_unreachable_judge_before_generating(recipe, reward_model
                      "--judge-model", MODEL, "--judge-max-retries", "0", check=False)
     assert result.returncode != 0 and "judge endpoint" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "cache").exists() or not list((out / "cache").glob("*.jsonl"))
+
+
+def test_only_exactly_m_or_M_counts_and_a_thin_verdict_is_flagged():
+    from expo_eval.records import CandidateResult
+    from expo_eval.search import judge_flags
+
+    answers = iter(["Maybe", "m", "M", "M"] * 10)
+    server = JudgeServer(lambda first, second: next(answers))
+    try:
+        preferences = judge(server, concurrency=1).preferences(["a", "b"], ["x", "y"], ["xx", "yy"])
+    finally:
+        server.close()
+    assert preferences[0] is None  # "Maybe" is no vote
+    stats = summarize(preferences, ["x", "y"], ["xx", "yy"], MODEL)
+    assert (stats.n, stats.unparsed) == (1, 1)
+    result = CandidateResult(alpha=0.5, label="alpha=0.5", split="report", n=2, scores={}, mean_tokens=1,
+                             length_cut_share=0, repetition=0, judge=stats)
+    (flag,) = [f for f in judge_flags([result], result) if "outside the template" in f]
+    assert "1 of 2 prompts" in flag
+
+
+def test_a_verdict_that_cannot_be_summarized_is_not_cached(recipe, reward_model, tmp_path):
+    from expo_eval.sweep import Sweep
+
+    out = tmp_path / "out"
+    mute = JudgeServer(lambda first, second: "")
+    try:
+        settings = dict(judge={"base_url": mute.url, "model": MODEL}, alphas=[0.5], include_sft=True)
+        with pytest.raises(JudgeError, match="no answer in the template's format"):
+            Sweep(config(recipe, out, reward_model, **settings)).run()
+    finally:
+        mute.close()
+    assert (out / "results.json").exists()  # the scores' report was written before the judge ran
+    assert not list((out / "cache").glob("*.judge.json"))
+    good = JudgeServer(longer)
+    try:
+        settings["judge"]["base_url"] = good.url  # another endpoint: a verdict of its own
+        Sweep(config(recipe, out, reward_model, **settings)).run()
+        assert good.requests
+    finally:
+        good.close()
+
+
+def test_an_annotator_the_judge_cannot_read_is_refused(server):
+    with pytest.raises(JudgeError, match="does not answer with one token"):
+        judge(server, template="alpaca_eval_cot_gpt4_turbo_fn")

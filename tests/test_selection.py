@@ -215,9 +215,16 @@ def test_card_of_a_merge_of_best_yaml_says_how_alpha_was_chosen(swept, tmp_path)
         (tmp_path / "moved.json").rename(swept["out"] / "results.json")
 
 
-def test_a_damaged_sweep_record_does_not_stop_the_merge():
+def test_a_damaged_sweep_record_does_not_stop_the_merge(swept):
     from mergekit_expo.card import sweep_section
 
     assert sweep_section("merge_method: expo\n", {"alpha": 0.3}) == ""
     damaged = sweep_section("expo_sweep: {rule: kl-bound}\n", {"alpha": 0.3})
     assert "could not be read" in damaged
+    best = yaml.safe_load(swept["runs"]["kl-bound"]["best"])
+    record = best["expo_sweep"]
+    record["select"][0]["judge"] = {"model": "j", "win_rate": 50}  # lc_win_rate deleted by hand
+    assert "could not be read" in sweep_section(yaml.safe_dump(best), {"alpha": record["chosen_alpha"]})
+    record["select"][0].pop("judge")
+    text = yaml.safe_dump(best)
+    assert "not the" not in sweep_section(text, {"alpha": str(float(record["chosen_alpha"]))})  # "2.0" is 2

@@ -13,6 +13,7 @@ examples a guard runs, a drop means little without its error bar.
 
 import difflib
 import functools
+import hashlib
 import math
 import random
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from typing import Dict, List, Optional
 
 import numpy
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 INSTALL_HINT = "pip install 'mergekit-expo[lm-eval]'"
@@ -99,6 +101,10 @@ def check_tasks(config: LmEvalConfig) -> None:
             ) from error
 
 
+# Marks a metric lm-eval declares lower-is-better: `word_perplexity (lower is better)`.
+LOWER_IS_BETTER = " (lower is better)"
+
+
 def run_lm_eval(model, tokenizer, config: LmEvalConfig, device: str) -> Dict[str, Dict[str, float]]:
     """{task: {metric: value}} for an already loaded transformers model, evaluated as it is.
 
@@ -130,8 +136,9 @@ def run_lm_eval(model, tokenizer, config: LmEvalConfig, device: str) -> Dict[str
         )
     results = {}
     for task, metrics in output["results"].items():
+        directions = (output.get("higher_is_better") or {}).get(task) or {}
         values = {
-            _metric_name(key): float(value)
+            _metric_name(key, directions): float(value)
             for key, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         }
@@ -140,9 +147,12 @@ def run_lm_eval(model, tokenizer, config: LmEvalConfig, device: str) -> Dict[str
     return results
 
 
-def _metric_name(key: str) -> str:
+def _metric_name(key: str, directions: Dict[str, bool]) -> str:
+    """`acc`, `exact_match/strict-match`; LOWER_IS_BETTER appended where lm-eval says so
+    (perplexities, bits per byte), stderr included, so a reader of the figures cannot misread them."""
     name, _, filter_name = key.partition(",")
-    return name if filter_name in ("", "none") else f"{name}/{filter_name}"
+    name = name if filter_name in ("", "none") else f"{name}/{filter_name}"
+    return name + LOWER_IS_BETTER if directions.get(key.partition(",")[0].removesuffix("_stderr")) is False else name
 
 
 @contextmanager
@@ -158,3 +168,45 @@ def _rng_kept():
         torch.set_rng_state(states[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+class _AnyTagLoader(yaml.SafeLoader):
+    """Task YAMLs carry lm-eval's own tags (`!function utils.process_docs`): read them as plain values."""
+
+
+_AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def task_fingerprint(config: LmEvalConfig) -> Optional[str]:
+    """A hash of the local task files and the data files they name (dataset_kwargs.data_files),
+    by content: an edited task or dataset is evaluated again, not read from a sweep's cache."""
+    if config.include_path is None:
+        return None
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(config.include_path).rglob("*") if p.is_file())
+    data = []
+    for path in files:
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                task = yaml.load(path.read_text(encoding="utf-8"), Loader=_AnyTagLoader) or {}
+            except (yaml.YAMLError, UnicodeDecodeError):
+                continue
+            kwargs = task.get("dataset_kwargs") if isinstance(task, dict) else None
+            named = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+            data += [Path(v) for v in _strings(named) if Path(v).is_file()]
+    for path in [*files, *sorted(set(data))]:
+        digest.update(str(path).encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _strings(value) -> List[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []

@@ -9,7 +9,9 @@ LC win rate here is alpaca_eval's `length_controlled_minimal` formula, fitted lo
 regression of the preference on tanh(standardized length difference), read at no difference.
 """
 
+import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
@@ -17,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # alpaca_eval's preference encoding: 1 the baseline (output_1) wins, 2 the candidate wins, 1.5 a tie.
 BASELINE_WINS, CANDIDATE_WINS, TIE = 1.0, 2.0, 1.5
+# The template's fields, substituted in one pass (an output that contains "{output_2}" stays as it is).
+FIELDS = re.compile(r"\{(instruction|output_1|output_2)\}")
+# A verdict resting on fewer answers than this share of the prompts is flagged.
+MIN_PARSED_SHARE = 0.9
 
 
 class JudgeError(RuntimeError):
@@ -44,6 +50,7 @@ class JudgeStats(BaseModel):
     win_rate_stderr: float
     lc_win_rate: float
     position_agreement: float  # share of prompts where both orders gave the same winner
+    unparsed: int = 0  # prompts left out: an answer in either order was not `m` or `M`
 
 
 def template_text(name: str) -> str:
@@ -55,6 +62,12 @@ def template_text(name: str) -> str:
     if not config_path.is_file():
         raise JudgeError(f"alpaca_eval has no annotator {name!r} (looked in {EVALUATORS_CONFIG_DIR})")
     config = yaml.safe_load(config_path.read_text())[name]
+    parser = config.get("completion_parser_kwargs") or {}
+    if parser.get("denominator_tokens") != ["m", "M"] or (config.get("completions_kwargs") or {}).get("max_tokens") != 1:
+        raise JudgeError(
+            f"alpaca_eval annotator {name!r} does not answer with one token, m or M; the judge reads only those "
+            "(e.g. alpaca_eval_clf_gpt4_turbo, weighted_alpaca_eval_gpt4_turbo)"
+        )
     return (EVALUATORS_CONFIG_DIR / config["prompt_template"]).read_text()
 
 
@@ -88,28 +101,27 @@ class Judge:
 
     @property
     def fingerprint(self) -> dict:
-        """What a cached verdict depends on: the judge model and the exact prompt."""
-        return {"model": self.config.model, "template": self.template}
+        """What a cached verdict depends on: the judge (endpoint and model) and the exact prompt."""
+        return {"base_url": self.config.base_url, "model": self.config.model, "template": self.template}
 
     def _ask(self, instruction: str, output_1: str, output_2: str) -> Optional[str]:
         """'1' or '2' (the better output), None for an answer outside the template's format."""
         from alpaca_eval.utils import prompt_to_chatml
         from openai import OpenAIError
 
-        prompt = self.template
-        for key, value in (("{instruction}", instruction), ("{output_1}", output_1), ("{output_2}", output_2)):
-            prompt = prompt.replace(key, value)
+        values = {"instruction": instruction, "output_1": output_1, "output_2": output_2}
+        prompt = FIELDS.sub(lambda match: values[match.group(1)], self.template)
         try:
             reply = self.client.chat.completions.create(
                 model=self.config.model, messages=prompt_to_chatml(prompt), max_tokens=1, temperature=0
             )
         except OpenAIError as error:
             raise JudgeError(
-                f"judge {self.config.model} at {self.config.base_url} failed after "
-                f"{self.config.max_retries} retries: {type(error).__name__}: {error}"
+                f"judge {self.config.model} at {self.config.base_url} failed (up to {self.config.max_retries} "
+                f"retries for timeouts, 429 and 5xx): {type(error).__name__}: {error}"
             ) from None
         answer = (reply.choices[0].message.content or "").strip()
-        return {"m": "1", "M": "2"}.get(answer[:1])
+        return {"m": "1", "M": "2"}.get(answer)
 
     def preferences(
         self, instructions: Sequence[str], baseline: Sequence[str], candidate: Sequence[str]
@@ -148,13 +160,15 @@ def summarize(
         raise JudgeError(f"judge {judge} gave no answer in the template's format (m or M)")
     annotations = pd.DataFrame({"preference": [p for p, _, _ in rows]})
     metrics = get_winrate(annotations)
+    stderr = float(metrics["standard_error"])
     return JudgeStats(
         judge=judge,
         n=len(rows),
         win_rate=float(metrics["win_rate"]),
-        win_rate_stderr=float(metrics["standard_error"]),
+        win_rate_stderr=stderr if math.isfinite(stderr) else 0.0,  # one prompt: no spread, as for scores
         lc_win_rate=length_controlled_win_rate(rows),
         position_agreement=sum(p != TIE for p, _, _ in rows) / len(rows),
+        unparsed=len(preferences) - len(rows),
     )
 
 

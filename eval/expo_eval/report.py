@@ -188,6 +188,11 @@ def card_table(results: List[CandidateResult], chosen: CandidateResult, selectio
     names = scorers(rows, selector)
     header = ["candidate", *(f"{name} (mean ± stderr)" for name in names)]
     header += ["mean tokens", "cut by length", "collapsed"]
+    judged = any(r.judge is not None for r in rows)
+    header += ["judge win rate vs alpha 0 (LC)"] if judged else []
+    guarded = {r.alpha: r.capability for r in results if r.split == "select" and r.capability}
+    capabilities = [c for c in capability_columns(results) if "stderr" not in c[1] and c[1] != "sample_len"]
+    header += [f"{task} {metric} (lm-eval)" for task, metric in capabilities]
     lines = [
         f"Scores on the {split} prompts ({rows[0].n if rows else 0}); alpha chosen on the select "
         f"prompts by the rule {selection.describe()}. Bold: the chosen alpha.",
@@ -203,8 +208,15 @@ def card_table(results: List[CandidateResult], chosen: CandidateResult, selectio
             f"{r.length_cut_share:.0%}",
             "yes" if r.collapsed else "no",
         ]
+        if judged:
+            cells.append("" if r.judge is None else f"{r.judge.win_rate:.1f}% ({r.judge.lc_win_rate:.1f}%)")
+        cells += [_number(guarded.get(r.alpha, {}).get(task, {}).get(metric)) for task, metric in capabilities]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.4g}"
 
 
 def _alpha_series(results: List[CandidateResult], split: str) -> List[CandidateResult]:

@@ -10,6 +10,8 @@ import math
 from typing import Callable, Dict, List
 
 from expo_eval.config import SearchConfig
+from expo_eval.capability import LOWER_IS_BETTER
+from expo_eval.judge import MIN_PARSED_SHARE
 from expo_eval.records import CandidateResult, ScoreStats
 from expo_eval.selection import RULES, Selection, SelectionError, baseline_of
 
@@ -244,6 +246,13 @@ def judge_flags(results: List[CandidateResult], chosen: CandidateResult) -> List
     """A warning when the LLM judge prefers alpha = 0 to the chosen alpha on the same prompts."""
     judged = [r for r in results if r.alpha == chosen.alpha and r.judge is not None]
     flags = []
+    for r in results:
+        stats = r.judge
+        if stats is not None and stats.unparsed > (1 - MIN_PARSED_SHARE) * (stats.n + stats.unparsed):
+            flags.append(
+                f"the judge {stats.judge} answered outside the template's format (m or M) on {stats.unparsed} of "
+                f"{stats.n + stats.unparsed} prompts for {r.label}: its win rate rests on {stats.n}"
+            )
     for r in judged:
         stats = r.judge
         if 50 - stats.win_rate > JUDGE_LOSS_Z * stats.win_rate_stderr:
@@ -259,22 +268,26 @@ CAPABILITY_DROP_Z = 2.0
 
 
 def capability_flags(results: List[CandidateResult], chosen: CandidateResult) -> List[str]:
-    """Warnings where the chosen alpha scores lower than alpha = 0 on an lm-eval task, beyond noise.
-    Every metric is read as higher-is-better (accuracy, exact match); perplexity-like ones are not."""
+    """Warnings where the chosen alpha does worse than alpha = 0 on an lm-eval metric by more than
+    CAPABILITY_DROP_Z standard errors of the difference; a metric without a stderr is not judged."""
     base = next((r for r in results if r.split == "select" and r.alpha == 0 and r.capability), None)
     if base is None or chosen.alpha == 0 or not chosen.capability:
         return []
     flags = []
     for task, metrics in chosen.capability.items():
         for metric, value in metrics.items():
-            if "stderr" in metric or metric == "sample_len" or metric not in base.capability.get(task, {}):
+            plain = metric.removesuffix(LOWER_IS_BETTER)
+            if "_stderr" in plain or plain == "sample_len" or metric not in base.capability.get(task, {}):
                 continue
-            stderr_key = metric.replace("/", "_stderr/", 1) if "/" in metric else f"{metric}_stderr"
-            stderr = math.hypot(metrics.get(stderr_key, 0.0), base.capability[task].get(stderr_key, 0.0))
-            drop = base.capability[task][metric] - value
-            if drop > CAPABILITY_DROP_Z * stderr and drop > 0:
+            name, _, filter_name = plain.partition("/")
+            stderr_key = f"{name}_stderr" + (f"/{filter_name}" if filter_name else "") + metric[len(plain):]
+            if stderr_key not in metrics or stderr_key not in base.capability[task]:
+                continue
+            stderr = math.hypot(metrics[stderr_key], base.capability[task][stderr_key])
+            worse = value - base.capability[task][metric] if metric.endswith(LOWER_IS_BETTER) else base.capability[task][metric] - value
+            if worse > 0 and worse > CAPABILITY_DROP_Z * stderr:
                 flags.append(
-                    f"{task} {metric} falls from {base.capability[task][metric]:.3g} at alpha=0 to {value:.3g} at "
+                    f"{task} {metric} goes from {base.capability[task][metric]:.3g} at alpha=0 to {value:.3g} at "
                     f"{chosen.label} (± {stderr:.2g}): extrapolation may cost this capability"
                 )
     return flags

@@ -418,14 +418,6 @@ class Sweep:
         finally:
             self.release_backend()
             self.release_scorers()
-        if self._judge is not None:
-            results = self.judge(results)
-        if config.lm_eval is not None:
-            results = self.capability(results, chosen)
-        chosen = next(r for r in results if r.split == "select" and r.alpha == chosen.alpha)
-        flags = selection.problems(results) + reward_hacking_flags(results, chosen, config.selector)
-        flags += other_rule_flags(results, chosen, selection) + judge_flags(results, chosen)
-        flags += capability_flags(results, chosen)
         written = set()
         for name, rows in self.generations.items():
             written.add(f"{name}.jsonl")
@@ -437,7 +429,22 @@ class Sweep:
             if stale.name not in written:
                 stale.unlink()
         timing = {"startup_s": self.startup_seconds}
-        write_report(config.out, results, chosen, self.recipe_text, selection, flags, self.generations, timing)
+
+        def report() -> List[str]:
+            flags = selection.problems(results) + reward_hacking_flags(results, chosen, config.selector)
+            flags += other_rule_flags(results, chosen, selection) + judge_flags(results, chosen)
+            flags += capability_flags(results, chosen)
+            write_report(config.out, results, chosen, self.recipe_text, selection, flags, self.generations, timing)
+            return flags
+
+        flags = report()
+        if self._judge is not None or config.lm_eval is not None:  # the scores' report stands if these fail
+            if self._judge is not None:
+                results = self.judge(results)
+            if config.lm_eval is not None:
+                results = self.capability(results, chosen)
+            chosen = next(r for r in results if r.split == "select" and r.alpha == chosen.alpha)
+            flags = report()
         write_text(self.cache / "inputs.json", json.dumps(self.inputs, indent=2) + "\n")  # what this result used
         print_table(results, chosen, selection)
         return self._outcome(results, chosen, flags)
@@ -457,12 +464,14 @@ class Sweep:
                               "baseline": self.generation_key(0.0, split)})
                 path = self.cache / f"{key}.judge.json"
                 preferences = self._cached_preferences(path, len(rows))
-                if preferences is None:
+                fresh = preferences is None
+                if fresh:
                     preferences = self._judge.preferences(
                         [g.prompt for g in rows], [g.response for g in baseline], [g.response for g in rows]
                     )
-                    write_text(path, json.dumps(preferences))
                 stats = summarize(preferences, [g.response for g in baseline], [g.response for g in rows], self._judge.config.model)
+                if fresh:  # only a verdict that summarizes is kept
+                    write_text(path, json.dumps(preferences))
                 r = r.model_copy(update={"judge": stats})
             judged.append(r)
         return judged
@@ -470,16 +479,16 @@ class Sweep:
     def capability(self, results: List[CandidateResult], chosen: CandidateResult) -> List[CandidateResult]:
         """lm-eval's tasks on alpha 0 and the chosen alpha (or every alpha), each candidate built in
         place in a transformers model (whatever the generation backend); cached by the candidate's
-        inputs, the task settings and the task files' contents."""
+        inputs, the task settings and the contents of the task files and the data they name."""
         from expo_eval.backends import make_backend
-        from expo_eval.capability import run_lm_eval
+        from expo_eval.capability import run_lm_eval, task_fingerprint
 
         settings = self.config.lm_eval
         select = [r for r in results if r.split == "select" and r.alpha is not None]
         alphas = [r.alpha for r in select] if settings.every_alpha else sorted({0.0, chosen.alpha})
         tasks = {
             "settings": settings.model_dump(mode="json", exclude={"every_alpha", "batch_size"}),
-            "files": model_fingerprint(str(settings.include_path)) if settings.include_path else None,
+            "files": task_fingerprint(settings),
         }
         models = {name: value for name, value in self.inputs.items() if not name.startswith("scorer ")}
         measured, backend = {}, None
