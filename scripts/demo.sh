@@ -2,7 +2,7 @@
 # The main job, offline: train a tiny SFT model, a reward model and DPO checkpoints
 # (10/20/40/100% of an epoch) with TRL, extrapolate each with `expo`, sweep alpha, for
 # seeds 0, 1 and 2, and write out/demo/report.md (the paper's Table 2 in miniature, and the
-# selection rules against the ground truth). About 15 minutes on two free CPU cores; a
+# selection rules against the ground truth). 15-20 minutes on two free CPU cores; a
 # second run reuses finished stages (add --force to redo them, --seeds 0 for one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
