@@ -5,8 +5,11 @@ benchmarks/demo_full.py, not here.
 
 import importlib.util
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,33 @@ def test_stages_reuse_and_invalidate(tmp_path):
     runs.clear()
     pipeline(QUICK.model_copy(update={"dpo_beta": 0.5}), force=True)
     assert runs == ["task", "sft", "dpo", "report"]
+
+
+def test_every_stage_runs_seeded_on_the_demos_thread_count(tmp_path):
+    """Whatever the caller's thread count and random draws, a stage runs on THREADS threads
+    with deterministic kernels and the same random streams; the caller's settings come back."""
+    import torch
+    import torch.utils.deterministic
+
+    from expo_eval.demo.pipeline import QUICK, THREADS, Layout, Stages
+
+    seen = []
+
+    def work():
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        seen.append((torch.get_num_threads(), deterministic, float(torch.rand(1)), random.random()))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(THREADS + 2)
+        for name in ("a", "b"):
+            Stages(Layout(tmp_path / name), QUICK, False, echo=lambda _: None).run("sft", [], [], work)
+            torch.rand(5), random.random()  # the caller's draws between stages shift no stage's streams
+        assert torch.get_num_threads() == THREADS + 2 and not torch.are_deterministic_algorithms_enabled()
+        assert torch.utils.deterministic.fill_uninitialized_memory
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[0][:2] == (THREADS, True) and seen[0] == seen[1]
 
 
 def test_task_stage_is_deterministic(tmp_path):
@@ -214,6 +244,47 @@ def test_quick_run_prints_table_and_timings_then_reuses_every_stage(quick):
     assert "This run: 0 s of stages." in quick["second"]
 
 
+def figures(out: Path) -> dict:
+    """What a demo run in `out` reports, timings and the folder's own path left out: the
+    models, summary.json, report.md, and each sweep's results and summary."""
+
+    def plain(value):
+        if isinstance(value, dict):  # input fingerprints cover training_args.bin, which names the folder
+            return {k: plain(v) for k, v in value.items() if k not in ("timing", "inputs")}
+        return [plain(v) for v in value] if isinstance(value, list) else value
+
+    def read(path: Path):
+        text = path.read_text().replace(str(out), "OUT")
+        return plain(json.loads(text)) if path.suffix == ".json" else text
+
+    report = read(out / "report.md")
+    found = {
+        "report.md": report[: report.index("## Stage timings")],
+        "summary.json": read(out / "summary.json"),
+        **{str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("**/model.safetensors"))},
+    }
+    for checkpoint in CHECKPOINTS:
+        for name in ("results.json", "demo.json"):
+            found[f"{checkpoint}/{name}"] = read(out / "sweeps" / checkpoint / name)
+    return found
+
+
+def test_quick_runs_agree_on_any_thread_count(quick, tmp_path):
+    """A run on four threads (as on a four-core machine), with another hash seed, reports what
+    the fixture's run (OMP_NUM_THREADS=1 under scripts/test.sh) did, timings aside."""
+    out = tmp_path / "demo"
+    wide = "import torch; torch.set_num_threads(4); from expo_eval.cli import main; main()"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "1", "OMP_NUM_THREADS": "4"}
+    result = subprocess.run(
+        [sys.executable, "-c", wide, "demo", "--quick", "--out", str(out)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ours, theirs = figures(out), figures(quick["out"])
+    assert list(ours) == list(theirs) and len(ours) > 2 + len(CHECKPOINTS)
+    for name in ours:
+        assert ours[name] == theirs[name], name
+
+
 def test_checked_in_recipe_runs_on_the_demo_models(quick, monkeypatch):
     """recipes/demo_expo.yaml points at the demo's default output folder, out/demo."""
     from click.testing import CliRunner
@@ -262,8 +333,11 @@ def test_rule_evidence_over_seeds_counts_misses_and_falls():
     assert outcomes["kl-bound"]["misses"] == [
         "seed 1, DPO 10% of an epoch: alpha 0, 0.40 below the oracle's alpha 2 (± 0.07)"
     ]
+    assert outcomes["kl-bound"]["by_seed"]["0"]["within_one_se_of_oracle"] == 1
+    assert outcomes["kl-bound"]["by_seed"]["1"]["within_one_se_of_oracle"] == 0
     text = "\n".join(evidence_lines(runs, outcomes))
-    assert "does not meet the goal" in text and "| `reward-max` | 2 of 2 | 0 of 2 |" in text
+    assert "does not meet the goal" in text and "| `reward-max` | 2 of 2 (1, 1) | 0 of 2 (0, 0) |" in text
+    assert "| `kl-bound` | 0 of 2 (0, 0) | 1 of 2 (1, 0) |" in text
 
 
 def test_further_seeds_have_their_own_folders(tmp_path):

@@ -302,32 +302,47 @@ def claims(checkpoints: List[Checkpoint]) -> List[dict]:
 RULE_ORDER = (DEFAULT, PAPER_RULE, "kl-penalty", "one-se", ORACLE)
 
 
+def tally(rule: str, checkpoints: List[Checkpoint]) -> dict:
+    """How often `rule`'s alpha fell clearly below alpha 0, how often it came within one
+    standard error of the oracle's, and how far below the oracle it was on average."""
+    below, within, shortfalls, misses = 0, 0, [], []
+    for c in checkpoints:
+        pick = c.test(c.alphas[rule])
+        if better(pick, c.test(0.0), GROUND_TRUTH) is False:
+            below += 1
+        shortfall, stderr = difference(c.test(c.alpha_gt), pick, GROUND_TRUTH)
+        if shortfall <= stderr:
+            within += 1
+        else:
+            misses.append(f"seed {c.seed}, {c.title}: alpha {c.alphas[rule]:g}, {shortfall:.2f} below the oracle's alpha {c.alpha_gt:g} (± {stderr:.2f})")
+        shortfalls.append(shortfall)
+    return {
+        "cases": len(shortfalls),
+        "below_alpha_0": below,
+        "within_one_se_of_oracle": within,
+        "mean_shortfall": sum(shortfalls) / len(shortfalls),
+        "misses": misses,
+    }
+
+
 def rule_outcomes(runs: List[List[Checkpoint]]) -> Dict[str, dict]:
-    """Per rule, over every seed and checkpoint, by the ground truth on the test prompts:
-    how often its alpha fell clearly below alpha 0, how often it came within one standard
-    error of the oracle's, and how far below the oracle it was on average."""
+    """Per rule, by the ground truth on the test prompts, the `tally` over every seed and
+    checkpoint and, in `by_seed`, each seed's: the spread from one training run to the next,
+    which is also about what a run with other library versions or CPU kernels differs by."""
     outcomes = {}
     for rule in RULE_ORDER:
-        below, within, shortfalls, misses = 0, 0, [], []
-        for checkpoints in runs:
-            for c in checkpoints:
-                pick = c.test(c.alphas[rule])
-                if better(pick, c.test(0.0), GROUND_TRUTH) is False:
-                    below += 1
-                shortfall, stderr = difference(c.test(c.alpha_gt), pick, GROUND_TRUTH)
-                if shortfall <= stderr:
-                    within += 1
-                else:
-                    misses.append(f"seed {c.seed}, {c.title}: alpha {c.alphas[rule]:g}, {shortfall:.2f} below the oracle's alpha {c.alpha_gt:g} (± {stderr:.2f})")
-                shortfalls.append(shortfall)
-        outcomes[rule] = {
-            "cases": len(shortfalls),
-            "below_alpha_0": below,
-            "within_one_se_of_oracle": within,
-            "mean_shortfall": sum(shortfalls) / len(shortfalls),
-            "misses": misses,
+        outcomes[rule] = tally(rule, [c for checkpoints in runs for c in checkpoints])
+        outcomes[rule]["by_seed"] = {
+            str(checkpoints[0].seed): {k: v for k, v in tally(rule, checkpoints).items() if k != "misses"}
+            for checkpoints in runs
         }
     return outcomes
+
+
+def by_seed(outcome: dict, field: str, form: str = "{}") -> str:
+    """' (3, 3, 2)': `field` per seed, when there is more than one."""
+    seeds = outcome["by_seed"].values()
+    return f" ({', '.join(form.format(seed[field]) for seed in seeds)})" if len(seeds) > 1 else ""
 
 
 def evidence_rows(runs: List[List[Checkpoint]]) -> List[Dict[str, str]]:
@@ -362,14 +377,20 @@ def evidence_lines(runs: List[List[Checkpoint]], outcomes: Dict[str, dict]) -> L
         f"Goal for the default: never below alpha 0 by more than noise ({SIGNIFICANCE:g} standard errors of "
         "the difference), and within one standard error (of the difference) of the oracle.",
         "",
+        *(
+            [f"In parentheses: seeds {seeds} one by one, the spread from one training run to the next.", ""]
+            if len(runs) > 1
+            else []
+        ),
         "| rule | clearly below alpha 0 | within one SE of the oracle | mean shortfall from the oracle |",
         "|---|---|---|---|",
     ]
     for rule in RULE_ORDER:
         o = outcomes[rule]
         lines.append(
-            f"| `{rule}` | {o['below_alpha_0']} of {o['cases']} | {o['within_one_se_of_oracle']} of {o['cases']} "
-            f"| {o['mean_shortfall']:.3f} |"
+            f"| `{rule}` | {o['below_alpha_0']} of {o['cases']}{by_seed(o, 'below_alpha_0')} "
+            f"| {o['within_one_se_of_oracle']} of {o['cases']}{by_seed(o, 'within_one_se_of_oracle')} "
+            f"| {o['mean_shortfall']:.3f}{by_seed(o, 'mean_shortfall', '{:.3f}')} |"
         )
     default = outcomes[DEFAULT]
     met = default["below_alpha_0"] == 0 and not default["misses"]
@@ -442,7 +463,14 @@ def timing_lines(timings: Dict[str, dict]) -> List[str]:
     return lines
 
 
-def setup_lines(settings: "DemoSettings", layout: "Layout", sampling) -> List[str]:
+def environment_text(environment: Dict[str, str]) -> str:
+    """'torch 2.13.0, ..., datasets 5.2.0, AVX2 CPU kernels, 1 thread' from `pipeline.environment()`."""
+    libraries = ", ".join(f"{k} {v}" for k, v in environment.items() if k not in ("threads", "cpu_kernels"))
+    threads = environment["threads"]
+    return f"{libraries}, {environment['cpu_kernels']} CPU kernels, {threads} thread{'' if threads == '1' else 's'}"
+
+
+def setup_lines(settings: "DemoSettings", layout: "Layout", sampling, environment: Dict[str, str]) -> List[str]:
     pairs = sum(1 for _ in (layout.pairs / "preference.jsonl").open())
     reward_pairs = sum(1 for _ in (layout.pairs / "reward.jsonl").open())
     width, layers, ffn = settings.model_size
@@ -466,6 +494,10 @@ def setup_lines(settings: "DemoSettings", layout: "Layout", sampling) -> List[st
         f"test prompts. Sampling as in the paper (temperature {sampling.temperature:g}, top-k {sampling.top_k}, "
         f"top-p {sampling.top_p:g}, presence penalty {sampling.presence_penalty:g}, frequency penalty "
         f"{sampling.frequency_penalty:g}, seed {sampling.seed}), at most {sampling.max_new_tokens} new tokens.",
+        "- Reproducibility: every stage seeded, with deterministic kernels, on a fixed thread count. "
+        f"These figures come back bit for bit with {environment_text(environment)}; other CPU kernels "
+        "or library versions train slightly different models, whose figures can differ as much as one "
+        "seed's from another's.",
     ]
 
 
@@ -495,14 +527,14 @@ def example_lines(c: Checkpoint) -> List[str]:
     return [*lines, ""]
 
 
-def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling, evidence) -> str:
+def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling, environment, evidence) -> str:
     parts = [
         "# ExPO demo: the paper's controlled experiment (Table 2) in miniature",
         "",
         "Made by `mergekit-expo demo`. ExPO: theta2 = theta1 + alpha * (theta1 - theta0), theta0 the SFT "
         "model, theta1 a DPO checkpoint (arXiv 2404.16792).",
         "",
-        *setup_lines(settings, layout, sampling),
+        *setup_lines(settings, layout, sampling, environment),
         "",
         f"## Results on the test prompts (seed {checkpoints[0].seed})",
         "",
@@ -556,12 +588,14 @@ def write(
     timings: Dict[str, dict],
     runs: List[List[dict]],
     sampling,
+    environment: Dict[str, str],
 ) -> None:
     """report.md, summary.json and plots/ under the first seed's DIR, from every seed's
     sweep summaries (runs, in the order of layouts); the table, claims and plots are the
     first seed's, the evidence on choosing alpha spans them all.
 
     sampling: the first seed's sweep sampling settings (reported in the set-up section).
+    environment: what else decides the figures bit for bit (`pipeline.environment`).
     """
     layout = layouts[0]
     checkpoints, sft_test, sft_dev = build(layout, runs[0])
@@ -572,6 +606,7 @@ def write(
     plots = write_plots(layout, checkpoints, sft_dev)
     summary = {
         "settings": settings.model_dump(mode="json"),
+        "environment": environment,
         "table": rows,
         "claims": claim_list,
         "alphas": {c.name: c.alphas for c in checkpoints},
@@ -580,7 +615,9 @@ def write(
     write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
     evidence = evidence_lines(every_seed, outcomes)
     write_text(
-        layout.report, document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling, evidence)
+        layout.report, document(
+            settings, checkpoints, layout, rows, claim_list, plots, timings, sampling, environment, evidence
+        ),
     )
 
 
@@ -598,12 +635,18 @@ def print_summary(summary: dict, echo=print) -> None:
     console.print(table)
     for claim in summary["claims"]:
         echo(f"- {claim['claim']}: {claim['verdict']}")
-    echo("Choosing alpha, by the ground truth on test prompts over every seed and checkpoint:")
-    for rule, o in summary["selection"]["outcomes"].items():
+    outcomes = summary["selection"]["outcomes"]
+    seeds = list(next(iter(outcomes.values()))["by_seed"])
+    spread = f" (in parentheses: seeds {', '.join(seeds)} one by one)" if len(seeds) > 1 else ""
+    echo(f"Choosing alpha, by the ground truth on test prompts over every seed and checkpoint{spread}:")
+    for rule, o in outcomes.items():
         echo(
-            f"  {rule}: clearly below alpha 0 in {o['below_alpha_0']} of {o['cases']}, within one SE of "
-            f"the oracle in {o['within_one_se_of_oracle']} of {o['cases']}, mean shortfall {o['mean_shortfall']:.3f}"
+            f"  {rule}: clearly below alpha 0 in {o['below_alpha_0']} of {o['cases']}{by_seed(o, 'below_alpha_0')}, "
+            f"within one SE of the oracle in {o['within_one_se_of_oracle']} of {o['cases']}"
+            f"{by_seed(o, 'within_one_se_of_oracle')}, mean shortfall {o['mean_shortfall']:.3f}"
+            f"{by_seed(o, 'mean_shortfall', '{:.3f}')}"
         )
+    echo(f"Reproducible bit for bit with {environment_text(summary['environment'])}.")
     timings = summary.get("timings", {})
     ran = {name: t for name, t in timings.items() if not t["reused"]}
     echo(
