@@ -4,6 +4,7 @@ Built offline: a model counts as a Hub ID only when it is not a local path and
 looks like `owner/name`; the Hub is never asked.
 """
 
+import logging
 from typing import Dict, List, Optional, Union
 
 import yaml
@@ -14,6 +15,8 @@ from mergekit_expo import advice, stats
 from mergekit_expo.compat import CARD_TEMPLATE, ModelReference
 from mergekit_expo.checks import is_hub_id
 from mergekit_expo.method import PAPER_URL
+
+LOG = logging.getLogger("mergekit_expo")
 
 BIBTEX = """@inproceedings{zheng2025model,
   title     = {Model Extrapolation Expedites Alignment},
@@ -199,10 +202,19 @@ def sweep_section(config_yaml: str, parameters: Dict[str, object]) -> str:
     try:
         record = SweepRecord.model_validate(raw)
     except ValidationError as error:
+        LOG.warning("Model card: the recipe's `expo_sweep` record could not be read: %s", error)
         return f"\n> The recipe's `expo_sweep` record could not be read ({error.error_count()} problems), so how alpha was chosen is not stated.\n"
+    swept = ", ".join(f"{a:g}" for a in record.alphas)
+    if record.chosen_alpha not in record.alphas:  # edited by hand: the table would back an alpha never tried
+        message = (
+            f"the recipe's `expo_sweep` record says the sweep chose alpha = {record.chosen_alpha:g}, which is not "
+            f"among the alphas it swept ({swept}); how alpha was chosen is not stated"
+        )
+        LOG.warning("Model card: %s", message)
+        return f"\n> **Warning:** {message}.\n"
     lines = [
         "### How alpha was chosen\n",
-        f"`mergekit-expo sweep` chose alpha = {record.chosen_alpha:g} among {', '.join(f'{a:g}' for a in record.alphas)} "
+        f"`mergekit-expo sweep` chose alpha = {record.chosen_alpha:g} among {swept} "
         f"with the rule {record.rule_description}; scorers: {', '.join(f'`{s}`' for s in record.scorers)}. "
         f"Sweep results: `{record.results}` (sha256 {record.results_sha256[:16]}).",
     ]
@@ -212,7 +224,9 @@ def sweep_section(config_yaml: str, parameters: Dict[str, object]) -> str:
     except (TypeError, ValueError):  # a per-module list, or no alpha
         same = False
     if not same:
-        lines.append(f"\n> **Note:** this merge uses alpha = {alpha}, not the {record.chosen_alpha:g} the sweep chose.")
+        note = f"this merge uses alpha = {alpha}, not the {record.chosen_alpha:g} the sweep chose"
+        LOG.warning("Model card: %s (recipe edited after the sweep?)", note)
+        lines.append(f"\n> **Note:** {note}.")
     lines += ["", *_sweep_table("Select prompts (alpha was chosen here)", record.select, record.scorers, True)]
     if record.held_out:
         lines += ["", *_sweep_table("Held-out prompts", record.held_out, record.scorers, False)]

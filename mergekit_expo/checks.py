@@ -53,7 +53,62 @@ def check_safetensors(path: str) -> None:
 
 def check_model_files(model: "ModelReference", cache_dir=None) -> None:
     """Check every safetensors file of a model (downloading it first, as mergekit would)."""
+    path = model.model.path
+    if not os.path.exists(path) and not is_hub_id(path):  # the hub client's words would be "Repo id must be..."
+        raise ValueError(f"{path}: no such model folder (nor a Hub ID owner/name)")
     check_folder(model.local_path(cache_dir, ignore_lora=True))
+
+
+def check_lora_cache(model: "ModelReference", options) -> None:
+    """mergekit merges a `model+lora` adapter into its model before merging, in a folder
+    it is given; without one it stops mid-plan with a RuntimeError naming no model."""
+    if model.lora is not None and not options.lora_merge_cache:
+        raise ValueError(
+            f"{model}: a LoRA adapter on a model, which mergekit merges into the model first, "
+            "in a folder of its own: pass --lora-merge-cache DIR"
+        )
+
+
+def check_remote_code(model: "ModelReference", options) -> None:
+    """A model whose config.json names its own code (auto_map) is refused unless that code may run."""
+    if options.trust_remote_code:
+        return
+    try:
+        with open(os.path.join(model.local_path(options.transformers_cache, ignore_lora=True), "config.json")) as handle:
+            auto_map = json.load(handle).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):  # no readable config: mergekit names that itself
+        return
+    if auto_map:
+        code = sorted({str(ref) for ref in auto_map.values()})
+        raise ValueError(
+            f"{model} runs its own code (config.json auto_map: {', '.join(code)}): pass "
+            "--trust-remote-code to run it (it runs with your permissions; read it first)"
+        )
+
+
+def check_architectures(merge_config, options) -> None:
+    """Models of different architectures, named: mergekit refuses them (without
+    --allow-crimes) only in the middle of a merge, in words that name no model."""
+    from mergekit_expo import compat  # loads mergekit: `inspect` imports this module without it
+
+    try:
+        compat.get_architecture_info(merge_config, options)
+    except RuntimeError as error:
+        if "--allow-crimes" not in str(error):
+            raise
+        trust = options.trust_remote_code
+        base = merge_config.base_model
+        models = [base, *sorted((m for m in merge_config.referenced_models() if m != base), key=str)]
+        described = "; ".join(
+            f"{model} is {', '.join(model.config(trust_remote_code=trust).architectures or ['unknown'])}"
+            for model in models
+            if model is not None
+        )
+        raise ValueError(
+            f"the models are of different architectures ({described}): expo extrapolates from an "
+            "SFT model to a model aligned from it, which share one (mergekit's --allow-crimes "
+            "merges them anyway)"
+        ) from None
 
 
 def check_folder(folder: str) -> None:

@@ -2,8 +2,10 @@
 
 import click
 
+from mergekit_expo.errors import ReportingGroup
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=ReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """ExPO (model extrapolation) tools around the `expo` mergekit method."""
 

@@ -15,11 +15,14 @@ registration imports it once `mergekit.merge` has loaded.
 
 import contextlib
 import importlib
+import importlib.resources
 import inspect
 import logging
 import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Iterator, List
+
+from mergekit_expo.errors import ExpoError
 
 TESTED_WITH = "0.1.5"
 
@@ -33,7 +36,9 @@ _NAMES = {
     "mergekit.merge_methods.task_adapter": ["ExecuteMergeMethodTask"],
     "mergekit.plan": ["MergePlanner"],
     "mergekit.card": ["CARD_TEMPLATE"],
-    "mergekit.merge": ["run_merge", "_get_donor_model", "LOG"],
+    # chat_templates: the package of the templates mergekit ships, as merge.py imports it.
+    "mergekit.merge": ["run_merge", "_get_donor_model", "_set_chat_template", "chat_templates", "LOG"],
+    "mergekit.tokenizer": ["BuildTokenizer"],
 }
 # Fields and arguments used, per name (pydantic fields or call parameters);
 # `expo` overrides GroupMergeMethod._execute to receive the output dtype.
@@ -44,11 +49,13 @@ _MEMBERS = {
     "FinalizeModel": ["tensor_save_tasks"],
     "MergePlanner.plan_to_disk": ["out_path"],
     "run_merge": ["merge_config", "out_path", "options", "config_source"],
+    "_set_chat_template": ["tokenizer", "merge_config"],
+    "BuildTokenizer": ["base_model", "referenced_models", "tokenizer_source", "add_tokens", "trust_remote_code"],
     "CARD_TEMPLATE": ["{metadata}", "{name}", "{merge_method}", "{base_text}", "{model_list}", "{config_yaml}"],
 }
 
 
-class IncompatibleMergekit(ImportError):
+class IncompatibleMergekit(ExpoError, ImportError):
     """The installed mergekit lacks a name mergekit-expo relies on."""
 
 
@@ -182,6 +189,44 @@ def donor_folder(merge_config, options) -> str:
     return _get_donor_model(merge_config, options=options)[1]
 
 
+def built_tokenizer(merge_config, options):
+    """The tokenizer mergekit's planner builds for a `tokenizer_source` or a `tokenizer:`
+    section (its BuildTokenizer task, configured as MergePlanner configures it); None
+    without either, when mergekit copies the donor's tokenizer instead."""
+    section = merge_config.tokenizer
+    source = section.source if section is not None else merge_config.tokenizer_source
+    if source is None:
+        return None
+    task = BuildTokenizer(
+        base_model=merge_config.base_model,
+        referenced_models=tuple(merge_config.referenced_models()),
+        tokenizer_source=source,
+        trust_remote_code=options.trust_remote_code,
+        add_tokens=tuple((section.tokens or {}) if section is not None else ()),
+    )
+    return task.execute().tokenizer
+
+
+def set_chat_template(tokenizer, merge_config) -> None:
+    """Give `tokenizer` the recipe's `chat_template:` as mergekit's merge does before saving
+    it (a name of a template mergekit ships, `auto`, or Jinja text; nothing without one).
+    Raises ValueError for a value mergekit refuses."""
+    try:
+        _set_chat_template(tokenizer, merge_config)
+    except RuntimeError:  # mergekit's "Invalid chat template: ..."
+        shipped = sorted(
+            entry.name.removesuffix(".jinja")
+            for entry in importlib.resources.files(chat_templates).iterdir()
+            if entry.name.endswith(".jinja")
+        )
+        value = merge_config.chat_template
+        raise ValueError(
+            f"chat_template: {value[:60] + '...' if len(value) > 60 else value!r} is neither a template "
+            f"mergekit ships ({', '.join(shipped)}), `auto`, nor a Jinja template (mergekit reads no "
+            "template file: put the template's text in the recipe)"
+        ) from None
+
+
 # RuntimeErrors mergekit 0.1.5 raises for bad input rather than for a bug.
 _USER_ERRORS = (
     re.compile(r"Tensor \S+ required but not present in model "),
@@ -246,6 +291,9 @@ MergePlanner = _found["MergePlanner"]
 CARD_TEMPLATE = _found["CARD_TEMPLATE"]
 _merge_log: logging.Logger = _found["LOG"]
 _get_donor_model = _found["_get_donor_model"]
+_set_chat_template = _found["_set_chat_template"]
+BuildTokenizer = _found["BuildTokenizer"]
+chat_templates = _found["chat_templates"]
 del _found
 
 _route_planner()

@@ -8,6 +8,7 @@ code the merge records with.
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import sys
@@ -22,6 +23,8 @@ from tqdm import tqdm
 
 from mergekit_expo import advice
 from mergekit_expo.checks import check_folder, is_hub_id
+from mergekit_expo.errors import ExpoError
+from mergekit_expo.method import NonFiniteError, check_finite_input
 from mergekit_expo.stats import (
     Change,
     Summary,
@@ -37,7 +40,7 @@ DEFAULT_DTYPES = ("bfloat16", "float16", "float32")
 SCHEMA = "mergekit-expo.inspect/1"
 
 
-class InspectError(ValueError):
+class InspectError(ExpoError, ValueError):
     """Input that cannot be compared; the message names the model, file or tensor."""
 
 
@@ -157,6 +160,8 @@ def inspect_pair(
 
     def job(name: str, theta0: torch.Tensor, theta1: torch.Tensor) -> TensorRecord:
         change = measure(theta0, theta1, alphas, dtypes)
+        if not (math.isfinite(change.delta_sq) and math.isfinite(change.theta0_sq)):
+            _check_finite(name, sft, theta0, aligned, theta1)
         for tensor in (theta0, theta1):
             release(tensor)
         return TensorRecord(name, tuple(theta0.shape), None, change)
@@ -189,6 +194,19 @@ def inspect_pair(
     if not records:
         raise InspectError(f"{aligned}: no floating-point tensors to compare")
     return Report(sft, aligned, tuple(alphas), tuple(dtypes), summarize(records), tuple(skipped))
+
+
+def _check_finite(name: str, sft: str, theta0: torch.Tensor, aligned: str, theta1: torch.Tensor) -> None:
+    """Refuse a NaN or Inf in either input, as the merge does: it makes the figures NaN.
+
+    Called when a tensor's sums are not finite; finite sums prove finite inputs (a NaN
+    or Inf in theta0 reaches ||theta0||^2, one in theta1 ||delta||^2).
+    """
+    try:
+        check_finite_input(name, theta0, sft, "theta0, the SFT model")
+        check_finite_input(name, theta1, aligned, "theta1, the aligned model")
+    except NonFiniteError as error:
+        raise InspectError(str(error)) from None
 
 
 def release(tensor: torch.Tensor) -> None:

@@ -203,13 +203,8 @@ def _check_finite(
     if ok and not check_inputs:
         return
     for entry in (group.base, *group.non_base):
-        bad = entry.tensor.numel() - int(torch.isfinite(entry.tensor).sum())
-        if bad:
-            role = "theta0, the SFT model" if entry.is_base else "theta1, an aligned model"
-            raise NonFiniteError(
-                f"{name}: {bad} NaN or Inf value(s) in {entry.id} ({role}); "
-                "expo needs finite weights"
-            )
+        role = "theta0, the SFT model" if entry.is_base else "theta1, an aligned model"
+        check_finite_input(name, entry.tensor, entry.id, role)
     if not ok:
         largest = max(abs(low), abs(high))
         raise NonFiniteError(
@@ -217,6 +212,14 @@ def _check_finite(
             f"(largest |value| {largest:.4g}; {str(dtype).removeprefix('torch.')} holds up to "
             f"{torch.finfo(dtype).max:.4g}): use a smaller alpha or a wider out_dtype"
         )
+
+
+def check_finite_input(name: str, tensor: torch.Tensor, model, role: str) -> None:
+    """Raise NonFiniteError naming the tensor, its model and role if it holds NaN or Inf
+    (the merge's and `inspect`'s one check)."""
+    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+    if bad:
+        raise NonFiniteError(f"{name}: {bad} NaN or Inf value(s) in {model} ({role}); expo needs finite weights")
 
 
 def _overflow_bound(dtype: torch.dtype) -> float:

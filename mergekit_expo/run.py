@@ -5,12 +5,18 @@ full disk or Ctrl-C leaves a mix of old and new files. Here mergekit writes into
 a fresh sibling folder; only when it finished, and every file it copied is
 complete, is that folder swapped in for the output folder (one rename). The old
 output stays exactly as it was until then, and nothing of it survives after.
+
+An output path that is a symlink (`out -> /big/disk/out`) is followed: the checks,
+the temporary folder and the swap all happen at the link's target, and the link is
+left as it was, pointing at the new model. One merge at a time writes to an output
+(`output_lock`).
 """
 
 import ctypes
 import difflib
 import errno
 import filecmp
+import glob
 import logging
 import os
 import shutil
@@ -25,7 +31,8 @@ from safetensors import SafetensorError
 
 from mergekit_expo import compat, rules, stats
 from mergekit_expo.card import expo_card
-from mergekit_expo.checks import check_model_files
+from mergekit_expo.checks import check_architectures, check_lora_cache, check_model_files, check_remote_code
+from mergekit_expo.lock import OutputLock, OutputLockedError
 from mergekit_expo.method import expo_merge
 from mergekit_expo.summary import log_summary
 
@@ -67,9 +74,11 @@ class _terminate_cleanly:
 def _run_expo_merge(run, merge_config, out_path, options, config_source=None) -> None:
     try:
         merge_config = prepare(merge_config, out_path, options)
-        _merge(run, merge_config, Path(out_path), options, config_source)
+        _merge(run, merge_config, output_target(out_path), options, config_source, Path(out_path).name)
     except MergeError:
         raise
+    except OutputLockedError as error:
+        raise MergeError(str(error)) from None
     except compat.IncompatibleMergekit:
         raise
     except (ValueError, OSError) as error:
@@ -102,15 +111,24 @@ def prepare(merge_config, out_path: str, options):
     Raises ValueError naming the problem. The configuration returned has its
     output dtype resolved (see `output_dtype`).
     """
-    rules.require_base_model(merge_config)
-    check_parameters(merge_config)
-    folders = {}
-    for model in merge_config.referenced_models():
-        check_model_files(model, options.transformers_cache)
-        folders[model] = model.local_path(options.transformers_cache, ignore_lora=True)
-    check_tied_embeddings(merge_config, options)
+    check_inputs(merge_config, options)
+    folders = {m: m.local_path(options.transformers_cache, ignore_lora=True) for m in merge_config.referenced_models()}
     check_output_folder(out_path, folders)
     return merge_config.model_copy(update={"out_dtype": output_dtype(merge_config, options)})
+
+
+def check_inputs(merge_config, options) -> None:
+    """The recipe, its parameters and its models (files, adapters, code, architectures, tied
+    embeddings): every check of the inputs that needs no tensor read. Raises ValueError naming
+    the problem. The sweep runs it too, before its first candidate."""
+    rules.require_base_model(merge_config)
+    check_parameters(merge_config)
+    for model in merge_config.referenced_models():
+        check_model_files(model, options.transformers_cache)
+        check_lora_cache(model, options)
+        check_remote_code(model, options)
+    check_architectures(merge_config, options)
+    check_tied_embeddings(merge_config, options)
 
 
 def parameter_settings(merge_config) -> Iterator[Tuple[str, Dict, bool]]:
@@ -201,10 +219,25 @@ def check_tied_embeddings(merge_config, options) -> None:
             )
 
 
+def output_target(out_path: str) -> Path:
+    """The folder a merge replaces: the output path with every symlink followed.
+
+    A user with `out -> /big/disk/out` wants the model on the big disk, and the link
+    kept: so the link's target is checked, written beside (same file system, so the
+    swap is one rename) and replaced, never the link itself.
+    """
+    try:
+        return Path(out_path).resolve()
+    except RuntimeError as error:  # a symlink loop (Python 3.11; later versions raise OSError)
+        raise ValueError(f"the output path {out_path} cannot be followed: {error}") from None
+
+
 def check_output_folder(out_path: str, inputs: Dict) -> None:
     """Refuse an output folder that is, contains or lies inside an input model's folder,
-    and an existing folder holding anything but a model."""
-    out = Path(out_path).resolve()
+    and an existing folder holding anything but a model (a symlink: its target)."""
+    out = output_target(out_path)
+    if os.path.islink(os.path.normpath(out_path)):
+        out_path = f"{out_path} (a link to {out})"
     for model, folder in inputs.items():
         folder = Path(folder).resolve()
         if out == folder:
@@ -281,11 +314,30 @@ def output_dtype(merge_config, options) -> Optional[str]:
 # ------------------------------------------------------------------------- the run
 
 
-def _merge(run, merge_config, out: Path, options, config_source: Optional[str]) -> None:
+def output_lock(out: Path) -> OutputLock:
+    """The lock one merge into the folder `out` (a resolved `output_target`) holds.
+
+    Its file is the sibling `.NAME.expo-lock`, not a file inside `out`: the merge
+    replaces `out` as a whole, and a lock inside it would go with the old folder. It
+    sits beside the partial folders it guards, and is deleted when the merge ends
+    (see mergekit_expo.lock for why that is race-free).
+    """
+    return OutputLock(out.parent / f".{out.name}.expo-lock", "merge", out)
+
+
+def _merge(run, merge_config, out: Path, options, config_source: Optional[str], name: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.expo-partial-*"):  # left by a killed merge (kill -9)
+    with output_lock(out):
+        _merge_locked(run, merge_config, out, options, config_source, name)
+
+
+def _merge_locked(run, merge_config, out: Path, options, config_source: Optional[str], name: str) -> None:
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.expo-partial-*"):  # left by kill -9
         LOG.warning("Removing %s, left by an interrupted merge", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_symlink():  # left by an earlier version given a symlink: never follow it
+            stale.unlink()
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
     partial = out.parent / f".{out.name}.expo-partial-{uuid.uuid4().hex[:8]}"
     inner_options = options.model_copy(update={"write_model_card": False})
     card_config = merge_config.model_copy(deep=True)  # mergekit's planner normalizes the config in place
@@ -301,7 +353,7 @@ def _merge(run, merge_config, out: Path, options, config_source: Optional[str]) 
             check_copies(compat.donor_folder(merge_config, options), partial)
         summary = collector.summary()
         if options.write_model_card:
-            write_card(card_config, config_source, partial, out.name, summary)
+            write_card(card_config, config_source, partial, name, summary)
         swap_in(partial, out)
     finally:
         if partial.exists():

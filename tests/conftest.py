@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def file_digest_cache(tmp_path_factory):
+    """The fingerprints' file digests are cached in the session's tmp folder, not the user's cache
+    (set in os.environ, so the CLI's subprocesses use it too)."""
+    os.environ["MERGEKIT_EXPO_CACHE"] = str(tmp_path_factory.mktemp("file-digests"))
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):
     """tiny/sft, tiny/dpo, tiny/dpo_b in bf16, as `mergekit-expo tiny-models` builds them."""

@@ -1,5 +1,6 @@
 """A stand-in OpenAI-compatible judge on 127.0.0.1 for the tests: it reads the two outputs out of
-alpaca_eval's prompt and answers `m` or `M` by a rule, and can fail its first requests."""
+alpaca_eval's prompt and answers `m` or `M` by a rule, and can fail its first requests, ask for a
+key, or answer with a malformed body."""
 
 import json
 import re
@@ -10,11 +11,30 @@ OUTPUTS = re.compile(r'"output": """(.*?)"""', re.DOTALL)
 MODEL = "stand-in-judge"
 
 
-class JudgeServer:
-    """rule(output_1, output_2) -> "m" or "M"; the first `failures` chat requests get `status`."""
+def _json(body) -> tuple:
+    return json.dumps(body).encode(), "application/json"
 
-    def __init__(self, rule, failures=0, status=500):
+
+# Chat replies off the happy path: (body, Content-Type), by what is wrong with them.
+MALFORMED_CHAT = {
+    "not UTF-8": (b'{"choices": "\xff\xfe"}', "application/json"),
+    "plain text": (b"upstream model crashed, try later", "text/plain"),
+    "no choices": _json({"id": "x", "object": "chat.completion"}),
+    "empty choices": _json({"id": "x", "object": "chat.completion", "choices": []}),
+    "null message": _json({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": None}]}),
+}
+# /models answered by a web page: a base_url that points at a UI, not at the API (.../v1).
+HTML_PAGE = (b"<!doctype html>\n<html><head><title>Chat UI</title></head><body>Sign in</body></html>", "text/html")
+
+
+class JudgeServer:
+    """rule(output_1, output_2) -> "m" or "M"; the first `failures` chat requests get `status`;
+    `chat_body` / `models_body` ((bytes, Content-Type)) replace the chat and /models replies;
+    with `key`, a request without `Authorization: Bearer KEY` gets 401."""
+
+    def __init__(self, rule, failures=0, status=500, chat_body=None, models_body=None, key=None):
         self.rule, self.failures, self.status = rule, failures, status
+        self.chat_body, self.models_body, self.key = chat_body, models_body, key
         self.requests, self.keys = [], set()
         self.lock = threading.Lock()
         server = self
@@ -24,14 +44,28 @@ class JudgeServer:
                 pass
 
             def _reply(self, status, body):
-                data = json.dumps(body).encode()
+                self._send(status, *_json(body))
+
+            def _send(self, status, data, content_type):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _refused(self):
+                """Without the server's key: 401, as a hosted API answers."""
+                if server.key is None or self.headers.get("Authorization") == f"Bearer {server.key}":
+                    return False
+                self._reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}})
+                return True
+
             def do_GET(self):
+                if self._refused():
+                    return
+                if server.models_body is not None:
+                    self._send(200, *server.models_body)
+                    return
                 self._reply(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "test"}]})
 
             def do_POST(self):
@@ -41,8 +75,13 @@ class JudgeServer:
                     server.requests.append(request)
                     failing = server.failures > 0
                     server.failures -= failing
+                if self._refused():
+                    return
                 if failing:
                     self._reply(server.status, {"error": {"message": "try again", "type": "server_error"}})
+                    return
+                if server.chat_body is not None:
+                    self._send(200, *server.chat_body)
                     return
                 content = request["messages"][-1]["content"]
                 first, second = OUTPUTS.findall(content)[-2:]

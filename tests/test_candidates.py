@@ -81,17 +81,18 @@ def test_penalties_count_generated_tokens_only():
 
 
 def test_tokenizer_without_chat_template_needs_the_flag(family, tmp_path):
-    config_path = family["dpo"] / "tokenizer_config.json"
+    """The merge copies theta0's tokenizer: without a template there, one must be given."""
+    config_path = family["sft"] / "tokenizer_config.json"
     bare = tmp_path / "bare"
     import shutil
 
-    shutil.copytree(family["dpo"], bare)
+    shutil.copytree(family["sft"], bare)
     (bare / "chat_template.jinja").unlink(missing_ok=True)
     config = json.loads(config_path.read_text())
     config.pop("chat_template", None)
     (bare / "tokenizer_config.json").write_text(json.dumps(config))
     recipe = expo_recipe(family)
-    recipe["models"] = [{"model": str(bare)}]
+    recipe["base_model"] = str(bare)
     candidates = Candidates(load_recipe(yaml.safe_dump(recipe)))
     with pytest.raises(BackendError, match="--chat-template"):
         TransformersBackend(candidates)

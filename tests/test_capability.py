@@ -134,6 +134,19 @@ def test_task_whose_data_cannot_be_loaded(task_dir):
     assert "data_files" in str(caught.value)
 
 
+def test_more_few_shot_examples_than_the_task_has_are_refused_before_model_work(task_dir):
+    check_tasks(LmEvalConfig(tasks=[TASK], include_path=task_dir, num_fewshot=len(QUESTIONS)))  # all of them: fine
+    with pytest.raises(CapabilityError, match=rf"{TASK}'?: num_fewshot 7 \(from --lm-eval-num-fewshot\).* the 6 documents"):
+        check_tasks(LmEvalConfig(tasks=[TASK], include_path=task_dir, num_fewshot=7))
+
+
+def test_a_task_yaml_with_a_syntax_error_is_named_with_its_line(tmp_path):
+    broken = tmp_path / "tiny_broken.yaml"
+    broken.write_text("task: tiny_broken\ndataset_path: json\n  test_split: [test\n")
+    with pytest.raises(CapabilityError, match=rf"{broken}, line 3: YAML syntax error .*task 'tiny_broken' is unknown"):
+        check_tasks(LmEvalConfig(tasks=["tiny_broken"], include_path=tmp_path))
+
+
 def test_lm_eval_missing(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     with pytest.raises(CapabilityError, match=r"mergekit-expo\[lm-eval\]"):

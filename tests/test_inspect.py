@@ -162,3 +162,16 @@ def test_bad_alpha_is_rejected(family, alpha):
     result = run_cli("mergekit-expo", "inspect", family["sft"], family["dpo"], "--alpha", alpha, check=False)
     assert result.returncode != 0 and "alpha must be a finite number greater than -1" in result.stderr
 
+
+
+@pytest.mark.parametrize("side, value", [("sft", float("nan")), ("aligned", float("inf"))])
+def test_cli_names_a_tensor_that_is_not_finite(family, tmp_path, side, value):
+    """Refused, as the merge refuses it, instead of a report of NaN figures."""
+    broken = shutil.copytree(family["sft" if side == "sft" else "dpo"], tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.1.mlp.up_proj.weight"][0, 3] = value
+    save_file(state, weights, metadata={"format": "pt"})
+    sft, aligned = (broken, family["dpo"]) if side == "sft" else (family["sft"], broken)
+    role = "theta0, the SFT model" if side == "sft" else "theta1, the aligned model"
+    assert_cli_fails(sft, aligned, f"model.layers.1.mlp.up_proj.weight: 1 NaN or Inf value(s) in {broken} ({role})")

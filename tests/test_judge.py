@@ -6,7 +6,7 @@ import os
 import socket
 
 import pytest
-from judge_server import MODEL, JudgeServer, always_first, longer
+from judge_server import HTML_PAGE, MALFORMED_CHAT, MODEL, JudgeServer, always_first, longer
 from test_sweep import config
 
 from expo_eval.judge import CANDIDATE_WINS, TIE, Judge, JudgeConfig, JudgeError, length_controlled_win_rate, summarize
@@ -158,3 +158,52 @@ def test_a_verdict_that_cannot_be_summarized_is_not_cached(recipe, reward_model,
 def test_an_annotator_the_judge_cannot_read_is_refused(server):
     with pytest.raises(JudgeError, match="does not answer with one token"):
         judge(server, template="alpaca_eval_cot_gpt4_turbo_fn")
+
+
+# What each malformed chat reply is called in the error.
+MALFORMED_PROBLEMS = {
+    "not UTF-8": "is not UTF-8 text",
+    "plain text": "is not JSON",
+    "no choices": "has no `choices` list",
+    "empty choices": "has an empty `choices` list",
+    "null message": "has no `message` in its first choice",
+}
+
+
+@pytest.mark.parametrize("mode", list(MALFORMED_CHAT))
+def test_a_malformed_reply_is_named_with_the_endpoint_and_the_body(mode):
+    body, _ = MALFORMED_CHAT[mode]
+    server = JudgeServer(longer, chat_body=MALFORMED_CHAT[mode])
+    try:
+        with pytest.raises(JudgeError) as caught:
+            judge(server, max_retries=0).preferences(["a"], ["x"], ["xx"])
+    finally:
+        server.close()
+    message = str(caught.value)
+    assert f"judge endpoint {server.url}: its reply to /chat/completions {MALFORMED_PROBLEMS[mode]}" in message
+    assert repr(body.decode("utf-8", errors="replace")[:200]) in message
+
+
+def test_a_web_page_at_models_is_named_before_any_work():
+    server = JudgeServer(longer, models_body=HTML_PAGE)
+    try:
+        with pytest.raises(JudgeError, match=r"its reply to /models is not JSON \(is --judge-base-url the API's root") as caught:
+            judge(server).check()
+    finally:
+        server.close()
+    assert "<!doctype html>" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_refused_request_names_the_unset_key_variable(monkeypatch):
+    server = JudgeServer(longer, key="secret")
+    try:
+        monkeypatch.delenv("JUDGE_KEY", raising=False)
+        with pytest.raises(JudgeError, match="--judge-api-key-env JUDGE_KEY is not set"):
+            judge(server, api_key_env="JUDGE_KEY").check()
+        monkeypatch.setenv("JUDGE_KEY", "wrong")
+        with pytest.raises(JudgeError, match="refused the key in JUDGE_KEY"):
+            judge(server, api_key_env="JUDGE_KEY").check()
+        monkeypatch.setenv("JUDGE_KEY", "secret")
+        judge(server, api_key_env="JUDGE_KEY").check()
+    finally:
+        server.close()

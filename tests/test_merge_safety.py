@@ -151,7 +151,7 @@ def test_sigint_during_a_real_re_merge_keeps_the_previous_output(tmp_path):
     )
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        partial = leftovers(tmp_path)
+        partial = [name for name in leftovers(tmp_path) if ".expo-partial-" in name]  # not the lock
         if partial and any(n.endswith(".safetensors") for n in os.listdir(tmp_path / partial[0])):
             break
         time.sleep(0.005)
@@ -277,3 +277,158 @@ def test_a_slices_recipe_with_base_model_in_its_slice_gets_a_card(family, tmp_pa
     result = mergekit_yaml(recipe, tmp_path, tmp_path / "out")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ExPO" in (tmp_path / "out" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------ symlinked outputs, concurrent merges
+
+
+def fitted_alpha(out: Path, family) -> float:
+    """The alpha the merged weights in `out` were made with (least squares on one tensor)."""
+    key = "model.layers.0.mlp.up_proj.weight"
+    theta2 = load(out)[key].double()
+    t0, t1 = load(family["sft"])[key].double(), load(family["dpo"])[key].double()
+    delta = t1 - t0
+    return float(((theta2 - t1) * delta).sum() / (delta * delta).sum())
+
+
+@pytest.fixture
+def linked_output(family, tmp_path):
+    """tmp_path/out -> tmp_path/disk/real, which holds an alpha-0.3 merge."""
+    (tmp_path / "disk").mkdir()
+    target = merge(expo_recipe(family, alpha=0.3), tmp_path / "disk", name="real")
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    return link, target
+
+
+def test_a_merge_into_a_symlink_replaces_its_target_and_keeps_the_link(family, tmp_path, linked_output):
+    link, target = linked_output
+    result = mergekit_yaml(expo_recipe(family, alpha=1.0), tmp_path, link)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert fitted_alpha(target, family) == pytest.approx(1.0, abs=0.02)
+    assert "alpha: 1" in (target / "README.md").read_text()
+    assert not leftovers(tmp_path) and not leftovers(target.parent)
+
+
+def test_a_failed_merge_into_a_symlink_keeps_its_target_and_leaves_nothing(family, tmp_path, linked_output):
+    """A guard of the failure path at the link's target (the merge fails before the swap)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    link, target = linked_output
+    before = digest(target)
+    broken = Path(shutil.copytree(family["dpo"], tmp_path / "broken"))
+    state = load_file(broken / "model.safetensors")
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    recipe = expo_recipe(family, alpha=1.0)
+    recipe["models"] = [{"model": str(broken)}]
+    result = mergekit_yaml(recipe, tmp_path, link, "--out-shard-size", "50K")
+    assert_clean_failure(result, "model.norm.weight: 1 NaN or Inf value(s)")
+    assert link.is_symlink() and digest(target) == before
+    assert not leftovers(tmp_path) and not leftovers(target.parent)
+
+
+def test_a_partial_symlink_an_earlier_version_left_is_removed_not_followed(family, tmp_path, linked_output):
+    """Earlier versions swapped a symlinked output's link itself out, to `.NAME.expo-partial-*`."""
+    link, target = linked_output
+    before = digest(target)
+    out = merge(expo_recipe(family, alpha=0.3), tmp_path, name="again")
+    stale = tmp_path / ".again.expo-partial-0123abcd"
+    stale.symlink_to(target, target_is_directory=True)
+    result = mergekit_yaml(expo_recipe(family, alpha=1.0), tmp_path, out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not stale.is_symlink() and digest(target) == before
+    assert not leftovers(tmp_path)
+
+
+HOLD_THE_LOCK = """
+import sys
+from mergekit_expo.run import output_lock, output_target
+with output_lock(output_target(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def merge_in_progress(tmp_path):
+    """tmp_path/out as another merge writes it: that process holds the lock, its partial folder is there."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([str(BIN / "python"), "-c", HOLD_THE_LOCK, str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    partial = tmp_path / ".out.expo-partial-0123abcd"
+    partial.mkdir()
+    (partial / "model-00001-of-00002.safetensors").write_bytes(b"being written")
+    yield out, holder.pid, partial
+    holder.stdin.close()
+    assert holder.wait(timeout=60) == 0
+    assert not (tmp_path / ".out.expo-lock").exists()  # its holder deleted it
+
+
+def test_a_second_merge_into_the_same_output_stops_at_once(family, tmp_path, merge_in_progress):
+    out, pid, partial = merge_in_progress
+    before = digest(partial)
+    result = mergekit_yaml(expo_recipe(family), tmp_path, out)
+    assert_clean_failure(result, f"another merge is writing to {run.output_target(out)}: pid {pid} on ")
+    assert digest(partial) == before and not out.exists()
+
+
+def test_a_held_lock_whose_file_is_no_record_is_named(tmp_path):
+    import fcntl
+
+    from mergekit_expo.lock import OutputLock, OutputLockedError
+
+    path = tmp_path / ".out.expo-lock"
+    path.write_text("locked by hand\n")
+    with open(path) as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(OutputLockedError, match=r"another merge is writing to .*out: holder unknown: .* is locked, .*\('locked by hand'\)"):
+            OutputLock(path, "merge", tmp_path / "out").__enter__()
+    with OutputLock(path, "merge", tmp_path / "out") as lock:
+        assert str(os.getpid()) in path.read_text() and lock.token
+    assert not path.exists()
+
+
+def test_a_lock_taken_on_a_file_its_holder_just_deleted_is_taken_again(tmp_path, monkeypatch):
+    """Opened before the holder deleted it, locked after: the path names another file by then."""
+    import builtins
+
+    from mergekit_expo import lock as lock_module
+
+    path = tmp_path / ".out.expo-lock"
+    holder = lock_module.OutputLock(path, "merge", tmp_path / "out").__enter__()
+    deleted = open(path, "a+")
+    holder.__exit__(None, None, None)
+    opened = iter([deleted])
+    monkeypatch.setattr(lock_module, "open", lambda *a: next(opened, None) or builtins.open(*a), raising=False)
+    with lock_module.OutputLock(path, "merge", tmp_path / "out") as taken:
+        assert deleted.closed and path.exists() and taken.token in path.read_text()
+
+
+# ------------------------------------------------------------------ the card's sweep record
+
+
+def sweep_record(chosen_alpha) -> dict:
+    """A best.yaml `expo_sweep` record of a sweep over alphas 0 and 0.5."""
+    return {
+        "results": "/sweeps/zephyr/results.json", "results_sha256": "ab" * 32, "rule": "kl-bound",
+        "rule_description": "kl-bound (reward less its error bound)", "scorers": ["rm"],
+        "alphas": [0.0, 0.5], "chosen_alpha": chosen_alpha,
+        "select": [{"candidate": "alpha=0", "n": 8, "rm": [1.0, 0.1], "kl": 0.0, "selection_value": 1.0},
+                   {"candidate": "alpha=0.5", "n": 8, "rm": [1.3, 0.1], "kl": 0.1, "selection_value": 1.1}],
+    }
+
+
+@pytest.mark.parametrize("chosen, swept", [(0.5, True), (0.7, False)])
+def test_a_sweep_record_whose_chosen_alpha_was_never_swept_gives_no_sweep_section(family, tmp_path, caplog, chosen, swept):
+    """chosen_alpha (and the recipe's alpha) edited by hand to 0.7, which the sweep never tried."""
+    recipe = {**expo_recipe(family, alpha=chosen), "expo_sweep": sweep_record(chosen)}
+    with caplog.at_level("WARNING", logger="mergekit_expo"):
+        card = (merge(recipe, tmp_path) / "README.md").read_text()
+    assert ("### How alpha was chosen" in card) == swept and ("| alpha=0.5 |" in card) == swept
+    warned = [r.message for r in caplog.records if "chose alpha = 0.7, which is not among the alphas it swept (0, 0.5)" in r.message]
+    assert bool(warned) == (not swept)

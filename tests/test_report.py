@@ -97,6 +97,7 @@ def test_results_json_schema(report, sweep):
         "chosen_label",
         "flags",
         "timing",
+        "inputs",
         "candidates",
     }
     assert (document["selector"], document["chosen_alpha"], document["flags"]) == (
@@ -188,6 +189,8 @@ def test_plots_are_written(report):
 def test_no_temporary_files_are_left(report):
     assert sorted(p.name for p in report.iterdir()) == sorted(
         [
+            ".report-files.json",  # the report's own files, the only ones the next one removes
+            "generations",
             "results.json",
             "results.csv",
             "best.yaml",

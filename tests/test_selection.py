@@ -13,7 +13,8 @@ from test_sweep import config
 
 from expo_eval.config import SearchConfig
 from expo_eval.search import choose_alpha, other_rule_flags, search_alphas
-from expo_eval.selection import Selection, SelectionError
+from expo_eval.records import CandidateResult
+from expo_eval.selection import Selection, SelectionError, kl_distance, preference
 from expo_eval.sweep import Sweep
 
 RM = "rm"
@@ -29,9 +30,11 @@ def test_kl_bound_value_is_reward_less_the_error_bound():
     assert rule.error_sd(BASELINE) == pytest.approx(SD * math.cos(math.pi / 4))
     result = with_kl(candidate(1.0, 1.4), kl=0.5)
     assert rule.value(result, BASELINE) == pytest.approx(1.4 - SD / math.sqrt(2) * math.sqrt(2 * 0.5))
-    # a slightly negative sampled KL estimate is no distance, not an imaginary one
+    # a slightly negative sampled KL estimate is neither an imaginary distance nor zero: it counts
+    # at its upper confidence bound, max(KL, 0) + 2 SE
     near_zero = candidate(1.0, 1.4).model_copy(update={"kl": -0.01, "kl_stderr": 0.01})
-    assert rule.value(near_zero, BASELINE) == pytest.approx(1.4)
+    measured = BASELINE.model_copy(update={"kl": 0.02, "kl_stderr": 0.01})
+    assert rule.value(near_zero, measured) == pytest.approx(1.4 - SD / math.sqrt(2) * math.sqrt(2 * 0.02))
 
 
 @pytest.mark.parametrize("accuracy, share", [(0.5, 1.0), (0.75, math.sqrt(0.5)), (1.0, 0.0)])
@@ -80,7 +83,7 @@ def test_a_kl_estimate_that_is_not_a_distance_is_left_out_and_named():
     biased = candidate(8.0, 2.0).model_copy(update={"kl": -0.2, "kl_stderr": 0.03})
     noisy = candidate(0.5, 1.1).model_copy(update={"kl": -0.01, "kl_stderr": 0.02})  # zero within noise
     nan = candidate(2.0, 3.0).model_copy(update={"kl": float("nan"), "kl_stderr": 0.1})
-    results = [with_kl(BASELINE, -0.5), biased, noisy, nan]
+    results = [BASELINE.model_copy(update={"kl": 0.05, "kl_stderr": 0.02}), biased, noisy, nan]
     rule = Selection(RM)
     assert choose_alpha(results, rule).alpha == 0.5
     problems = rule.problems(results)
@@ -158,17 +161,25 @@ def test_sweep_records_the_rule_everywhere(swept, rule):
     document = run["document"]
     assert document["selection"]["rule"] == rule and document["selection"]["scorer"] == reward_model
     select = [c for c in document["candidates"] if c["split"] == "select" and c["alpha"] is not None]
-    assert all(c["kl"] is not None and c["selection_value"] is not None for c in select)
-    best = max(select, key=lambda c: (c["selection_value"], -c["alpha"]))
+    base = CandidateResult.model_validate(next(c for c in select if c["alpha"] == 0))
+    distances = {c["alpha"]: kl_distance(CandidateResult.model_validate(c), base) for c in select}
+    assert all(c["kl"] is not None for c in select)
+    rated = [c for c in select if c["selection_value"] is not None]
+    best = max(rated, key=lambda c: preference(c["selection_value"], c["alpha"]))
     assert document["chosen_alpha"] == best["alpha"] == run["outcome"].chosen.alpha
     if rule == "reward-max":
-        assert all(c["selection_value"] == c["scores"][reward_model]["mean"] for c in select)
-    else:
-        base = next(c for c in select if c["alpha"] == 0)
-        sd = base["scores"][reward_model]["stderr"] * math.sqrt(base["n"]) * math.cos(math.pi / 4)
+        assert rated == select and all(c["selection_value"] == c["scores"][reward_model]["mean"] for c in select)
+    else:  # the distance charged is the KL's upper bound; a candidate without one is not rated, and named
+        sd = base.scores[reward_model].stderr * math.sqrt(base.n) * math.cos(math.pi / 4)
         for c in select:
-            expected = c["scores"][reward_model]["mean"] - sd * math.sqrt(2 * max(c["kl"], 0.0))
-            assert c["selection_value"] == pytest.approx(expected)
+            distance = distances[c["alpha"]]
+            if distance is None:
+                assert c["selection_value"] is None
+            else:
+                expected = c["scores"][reward_model]["mean"] - sd * math.sqrt(2 * distance)
+                assert c["selection_value"] == pytest.approx(expected)
+        unrated = sorted(c["label"] for c in select if c["selection_value"] is None)
+        assert sorted(f.split(":")[0] for f in document["flags"] if "did not consider it" in f) == unrated
     rows = list(csv.DictReader(io.StringIO(run["csv"])))
     assert {row["select_rule"] for row in rows} == {rule}
     assert rule in run["best"].splitlines()[0]

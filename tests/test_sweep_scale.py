@@ -65,8 +65,8 @@ def test_zero_and_false_are_values_and_flags_override_yaml(tmp_path, recipe):
         (["--search", "0.1"], "Invalid value for '--search'"),
         (["--alphas", "0.1", "--select-fraction", "0"], "--select-fraction (select_fraction)"),
         (["--alphas", "0.1", "--kv-cache-gib", "-1"], "--kv-cache-gib (engine.kv_cache_gib)"),
-        (["--alphas", "0.1", "--gpus", "0,1,2", "--tensor-parallel-size", "2"], "do not split into engines"),
-        (["--search", "0.1,0.5", "--gpus", "0,1"], "a search is sequential"),
+        (["--alphas", "0.1", "--gpus", "0,1,2", "--tensor-parallel-size", "2", "--device", "cpu"], "do not split into engines"),
+        (["--search", "0.1,0.5", "--gpus", "0,1", "--device", "cpu"], "a search is sequential"),
         (["--search", "0.5,0.1"], "needs low < high"),
         (["--search", "nan,0.5"], "finite number"),
         (["--search", "0.1,0.5", "--search-low", "0.2"], "give the search interval once"),
@@ -98,7 +98,7 @@ def test_gpu_groups_and_round_robin_shards():
 
 def test_shard_configs_carry_the_sft_model_as_include_sft(recipe, tmp_path):
     config = SweepConfig(recipe=recipe, out=tmp_path, alphas=[0.5, 1.0], include_sft=True,
-                         reward_models=["rewards:word_count"], gpus=["0", "1"])
+                         reward_models=["rewards:word_count"], gpus=["0", "1"], device="cpu")
     shards = shard_configs(config, [None, 0.0, 0.5, 1.0])
     assert [(group, s.alphas, s.include_sft, s.generate_only, s.gpus) for group, s in shards] == [
         (["0"], [0.5], True, True, None),
@@ -210,7 +210,7 @@ def test_labels_never_collide_and_minus_zero_is_zero(recipe, tmp_path):
 
 
 def test_yaml_gpu_indices_may_be_numbers(recipe, tmp_path):
-    config = SweepConfig(recipe=recipe, out=tmp_path, alphas=[0.5], reward_models=["rewards:word_count"], gpus=[0, 1])
+    config = SweepConfig(recipe=recipe, out=tmp_path, alphas=[0.5], reward_models=["rewards:word_count"], gpus=[0, 1], device="cpu")
     assert config.gpus == ["0", "1"]
 
 
@@ -229,7 +229,7 @@ def test_one_gpu_group_runs_in_a_shard_process_on_those_gpus(recipe, tmp_path, m
 
     monkeypatch.setattr(shards.subprocess, "Popen", Done)
     config = SweepConfig(recipe=recipe, out=tmp_path / "o", alphas=[0.5], reward_models=["rewards:word_count"],
-                         gpus=["3"], generate_only=True, prompts="smoke", limit=2)
+                         gpus=["3"], generate_only=True, prompts="smoke", limit=2, device="cpu")
     monkeypatch.setattr("expo_eval.backends.make_backend", lambda *a, **k: Recorder([]))
     Sweep(config).run()
     assert launched == ["3"]
@@ -255,7 +255,7 @@ def test_an_interrupted_sharded_sweep_stops_its_shards(recipe, tmp_path, monkeyp
 
     monkeypatch.setattr(shards.subprocess, "Popen", Hanging)
     config = SweepConfig(recipe=recipe, out=tmp_path / "o", alphas=[0.5, 1.0], reward_models=["rewards:word_count"],
-                         gpus=["0", "1"])
+                         gpus=["0", "1"], device="cpu")
     with pytest.raises(KeyboardInterrupt):
         shards.generate_sharded(config, [0.0, 0.5, 1.0], lock_token=None)
     assert len(stopped) == 2

@@ -267,10 +267,10 @@ def test_scorer_objects_without_a_fingerprint_are_never_cached(folder, tmp_path)
     assert (first.chosen.scores["judge"].mean, again.chosen.scores["judge"].mean) == (1.0, -1.0)
 
 
-def test_a_rerun_removes_the_old_report_first_and_records_inputs_last(folder, tmp_path):
+def test_a_killed_rerun_leaves_the_previous_report_whole_and_records_inputs_last(folder, tmp_path):
     config = sweep_config(folder, tmp_path)
     run(config)
-    assert (config.out / "results.json").exists()
+    report = {name: (config.out / name).read_bytes() for name in ("results.json", "best.yaml", "card_table.md")}
 
     class Dies(FakeBackend):
         def generate(self, prompts, sampling):
@@ -281,9 +281,10 @@ def test_a_rerun_removes_the_old_report_first_and_records_inputs_last(folder, tm
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(KeyboardInterrupt):
         run(config, Dies())
-    assert not (config.out / "results.json").exists() and not (config.out / "best.yaml").exists()
+    assert {name: (config.out / name).read_bytes() for name in report} == report  # until a new one is complete
     manifest = json.loads((config.out / "cache" / "inputs.json").read_text())
     assert manifest != Sweep(config, backend=FakeBackend()).inputs  # still the finished run's inputs
+    assert json.loads(report["results.json"])["inputs"] == manifest  # the report says which run it is
 
 
 def test_a_reward_model_without_a_chat_template_is_refused_before_generating(folder, tmp_path):

@@ -207,9 +207,9 @@ def test_worker_builds_candidates_once_per_recipe(recipe_text, family, monkeypat
     built = []
 
     class Counting(Candidates):
-        def __init__(self, recipe):
+        def __init__(self, recipe, options=None):
             built.append(recipe)
-            super().__init__(recipe)
+            super().__init__(recipe, options)
 
     monkeypatch.setattr(backend, "Candidates", Counting)
     worker = FakeWorker(OldRunner())

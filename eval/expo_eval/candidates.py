@@ -9,7 +9,7 @@ at a few chunk-sized buffers instead of float32 copies of whole tensors.
 """
 
 import ctypes
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from mergekit.config import MergeConfiguration
@@ -29,8 +29,10 @@ from mergekit_expo.compat import (
     with_output_dtype,
 )
 
+from mergekit_expo.errors import ExpoError
+from mergekit_expo.method import NonFiniteError
 from mergekit_expo.rules import require_base_model
-from mergekit_expo.run import output_dtype
+from mergekit_expo.run import MergeError, output_dtype
 
 # Elements per chunk: 4 MiB per float32 buffer (the kernel holds a few), big enough
 # that per-call overhead is small next to the arithmetic.
@@ -39,7 +41,7 @@ CHUNK_ELEMENTS = 1 << 20
 Rows = Union[slice, type(Ellipsis)]
 
 
-class RecipeError(ValueError):
+class RecipeError(ExpoError, ValueError):
     """The recipe cannot be swept."""
 
 
@@ -55,6 +57,7 @@ def load_recipe(text: str) -> MergeConfiguration:
         raise RecipeError(
             f"a sweep needs an `expo` recipe; this one uses merge_method: {recipe.merge_method}"
         )
+    check_sweepable(recipe)
     try:
         require_base_model(recipe)
     except ValueError as error:
@@ -62,13 +65,40 @@ def load_recipe(text: str) -> MergeConfiguration:
     return recipe
 
 
+def check_sweepable(recipe: MergeConfiguration) -> None:
+    """Refuse what the merge takes but the sweep cannot build: each candidate is filled into
+    a model of the aligned model's shape (or handed to vLLM as its checkpoint), so the recipe
+    must produce that model's tensors, from checkpoints whose contents key the cache."""
+    if recipe.slices:
+        raise RecipeError(
+            "a `slices:` recipe cannot be swept: the sweep builds each candidate in place in the "
+            "aligned model, from `base_model:` and `models:`; sweep the same models written that "
+            "way, then set the chosen alpha in your slices recipe"
+        )
+    for model in recipe.referenced_models():
+        if model.lora is not None:
+            raise RecipeError(
+                f"{model}: the sweep does not take LoRA adapters (`model+lora`); merge the adapter "
+                "into its model first (mergekit-yaml --lora-merge-cache DIR, on a recipe with "
+                f"`merge_method: passthrough` and `models: [{{model: {model}}}]`) and name the "
+                "merged folder in the recipe"
+            )
+
+
+def merge_options(trust_remote_code: bool = False) -> MergeOptions:
+    """The options the sweep plans, loads and checks a recipe with: mergekit-yaml's, quiet;
+    trust_remote_code (--trust-remote-code) lets models that ship their own code load."""
+    return MergeOptions(quiet=True, trust_remote_code=trust_remote_code)
+
+
 class Candidates:
     """theta0 and the aligned model(s), mapped once; weights for any alpha on demand."""
 
     def __init__(self, recipe: MergeConfiguration, options: Optional[MergeOptions] = None):
-        options = options or MergeOptions(quiet=True)
+        options = options or merge_options()
         recipe = recipe.model_copy(update={"out_dtype": output_dtype(recipe, options)})
         self.recipe = recipe
+        self.options = options  # what loads the models' configs and code (trust_remote_code)
         self.dtype = dtype_from_name(recipe.out_dtype) or torch.float32
         LoaderCache().setup(options=options)
         arch_info = get_architecture_info(recipe, options)
@@ -109,7 +139,9 @@ class Candidates:
 
         alpha None gives theta0 itself. Elementwise recipes come in row chunks of at
         most CHUNK_ELEMENTS; sparsified or stochastically rounded tensors (their
-        draws and top-k span the whole tensor) come whole.
+        draws and top-k span the whole tensor) come whole. The kernel's per-tensor
+        checks (NaN or Inf inputs, a result the output dtype cannot hold) raise the
+        merge's MergeError, with the alpha.
         """
         for name, task, tensors, dtype in self._tasks:
             base = tensors[task.base_model]
@@ -121,8 +153,18 @@ class Candidates:
                 update={"parameters": ImmutableMap(dict(task.parameters.items(), alpha=alpha))}
             )
             for rows in _row_chunks(base, chunked=_elementwise(task)):
-                piece = task.execute(tensors={model: t[rows] for model, t in tensors.items()})
+                try:
+                    piece = task.execute(tensors={model: t[rows] for model, t in tensors.items()})
+                except NonFiniteError as error:  # it names the tensor and the model
+                    raise MergeError(f"alpha={alpha:g}: {error}") from None
                 yield name, base.shape, rows, piece.to(dtype)
+
+    def check(self, alphas: Sequence[float]) -> None:
+        """Build the candidate at each alpha and discard it: the merge's per-tensor checks,
+        without a model to fill (chunk-sized transients only)."""
+        for alpha in alphas:
+            for _ in self.chunks(alpha):
+                pass
 
     def fill(self, alpha: Optional[float], destination: Mapping[str, torch.Tensor]) -> int:
         """Write the candidate into existing tensors (a model's parameters); returns the count.

@@ -25,6 +25,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mergekit_expo.errors import ExpoError
+
 INSTALL_HINT = "pip install 'mergekit-expo[lm-eval]'"
 SEED = 1234  # every seed lm-eval takes: python, numpy, torch and few-shot sampling
 # Resamples for the stderr of bootstrapped metrics (perplexity, f1, bleu...); lm-eval's
@@ -32,8 +34,9 @@ SEED = 1234  # every seed lm-eval takes: python, numpy, torch and few-shot sampl
 BOOTSTRAP_ITERS = 1000
 
 
-class CapabilityError(ValueError):
-    """An lm-eval run that cannot happen: lm-eval missing, a task unknown or its data unreachable."""
+class CapabilityError(ExpoError, ValueError):
+    """An lm-eval run that cannot happen: lm-eval missing, a task unknown, its YAML unreadable, its
+    data unreachable or too few documents for num_fewshot."""
 
 
 class LmEvalConfig(BaseModel):
@@ -76,6 +79,12 @@ def _task_manager(include_path: Optional[str]):
 def _manager(config: LmEvalConfig):
     manager = _task_manager(str(config.include_path.resolve()) if config.include_path else None)
     unknown = [name for name in config.tasks if name not in manager.all_tasks]
+    broken = _unreadable_task_files(config.include_path) if unknown and config.include_path else []
+    if broken:
+        raise CapabilityError(
+            f"{'; '.join(broken)}: lm-eval skips a task file it cannot read, so task "
+            f"{', '.join(map(repr, unknown))} is unknown"
+        )
     if unknown:
         hints = []
         for name in unknown:
@@ -93,12 +102,39 @@ def check_tasks(config: LmEvalConfig) -> None:
     load = getattr(manager, "load", None) or manager.load_task_or_group
     for name in config.tasks:
         try:
-            load([name])
+            loaded = load([name])
         except Exception as error:
             raise CapabilityError(
                 f"lm-eval task {name!r} could not be loaded ({type(error).__name__}: {error}); offline, its data must be "
                 "local (dataset_path: json with dataset_kwargs.data_files) or already in the Hugging Face datasets cache"
             ) from error
+        for task in _leaf_tasks(loaded):
+            _check_fewshot(task, config.num_fewshot)
+
+
+def _leaf_tasks(loaded: dict) -> list:
+    """The tasks that TaskManager.load (lm-eval 0.4.12 on: under "tasks") or load_task_or_group
+    (nested by group) returned."""
+    tasks = loaded["tasks"] if isinstance(loaded.get("tasks"), dict) else loaded
+    return [task for value in tasks.values() for task in (_leaf_tasks(value) if isinstance(value, dict) else [value])]
+
+
+def _check_fewshot(task, num_fewshot: Optional[int]) -> None:
+    """More few-shot examples than a task has documents to draw them from, refused before any
+    model work: lm-eval would fail inside its sampling, after the model was wrapped."""
+    sampler, own = getattr(task, "sampler", None), task.config.num_fewshot
+    shots = own if own == 0 or num_fewshot is None else num_fewshot  # lm-eval keeps a YAML's 0
+    if not shots or sampler is None:
+        return
+    available = len(sampler.fewshot_docs())
+    if getattr(getattr(task, "fewshot_cfg", None), "split", None) == task.config.test_split:
+        available -= 1  # drawn from the evaluated split: lm-eval leaves out the document being evaluated
+    if shots > available:
+        where = "--lm-eval-num-fewshot" if num_fewshot is not None else "the task's YAML"
+        raise CapabilityError(
+            f"lm-eval task {task.config.task!r}: num_fewshot {shots} (from {where}) asks for more few-shot "
+            f"examples than the {available} documents it has to draw them from; set --lm-eval-num-fewshot to at most {available}"
+        )
 
 
 # Marks a metric lm-eval declares lower-is-better: `word_perplexity (lower is better)`.
@@ -175,6 +211,22 @@ class _AnyTagLoader(yaml.SafeLoader):
 
 
 _AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _unreadable_task_files(folder: Path) -> List[str]:
+    """`FILE, line N: YAML syntax error (...)` for each task YAML in `folder` (those lm-eval
+    indexes: *.yaml) that does not parse."""
+    problems = []
+    for path in sorted(Path(folder).rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=_AnyTagLoader)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+            line = f", line {mark.line + 1}" if mark is not None else ""
+            problems.append(f"{path}{line}: YAML syntax error ({getattr(error, 'problem', None) or error})")
+        except UnicodeDecodeError:
+            problems.append(f"{path}: not UTF-8 text")
+    return problems
 
 
 def task_fingerprint(config: LmEvalConfig) -> Optional[str]:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from expo_eval.config import SweepConfig
 from mergekit_expo.cli import main
+from mergekit_expo.errors import Interrupted
 
 class CommaList(click.ParamType):
     """A comma-separated list, e.g. `0,0.1,0.3`: a bad item is a usage error naming the flag."""
@@ -160,22 +161,14 @@ def _describe(error: ValidationError, config_file: Optional[str]) -> str:
 @sweep_options
 def sweep(recipe, config_file, **flags):
     """Sweep alpha for an `expo` RECIPE: generate, score with reward models, report, pick alpha."""
-    from expo_eval.candidates import RecipeError
-    from expo_eval.lock import SweepLockedError
-    from expo_eval.selection import SelectionError
-    from expo_eval.judge import JudgeError
-    from expo_eval.capability import CapabilityError
-    from expo_eval.prompts import PromptError
-    from expo_eval.scoring import ScorerError
-    from expo_eval.backends import BackendError
     from expo_eval.sweep import Sweep
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = build_config(recipe, config_file, flags)
-    try:
+    try:  # any other error: the group's boundary (mergekit_expo.errors.report_errors)
         outcome = Sweep(config).run()
-    except (RecipeError, PromptError, ScorerError, BackendError, SweepLockedError, SelectionError, JudgeError, CapabilityError) as error:
-        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; finished candidates are cached in {config.out / 'cache'}") from None
     if outcome.chosen is None:
         click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused}; nothing scored (generate_only).")
         return

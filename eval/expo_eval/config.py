@@ -1,11 +1,12 @@
 """Typed sweep configuration. `mergekit-expo sweep`'s flags are generated from these fields
 (expo_eval.cli), so a YAML config and the command line cannot drift apart."""
 
+import os
 import re
 from pathlib import Path
 from typing import List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationInfo, field_validator, model_validator
 
 from expo_eval.capability import LmEvalConfig
 from expo_eval.judge import JudgeConfig
@@ -47,6 +48,11 @@ class SearchConfig(BaseModel):
     def _an_interval(self) -> "SearchConfig":
         check_alpha(self.low)
         check_alpha(self.high)
+        if self.low <= 0:
+            raise ValueError(
+                f"the search interval needs 0 < low < high, got [{self.low}, {self.high}]: a search extrapolates "
+                "(alpha 0, theta1, is always evaluated); give alphas at or below 0 as a grid (alphas)"
+            )
         if not self.low < self.high:
             raise ValueError(f"the search interval needs low < high, got [{self.low}, {self.high}]")
         return self
@@ -55,6 +61,29 @@ class SearchConfig(BaseModel):
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
 GPU_ID = re.compile(r"^(\d+|(GPU|MIG)-[\w-]+)$")
 DEVICE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
+
+
+def device_count(kind: str) -> int:
+    """How many `kind` devices (cuda, xpu, mps) torch sees in this process; 0 for a build without them."""
+    import torch  # only when a device is named: building a config does not load torch otherwise
+
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    module = getattr(torch, kind, None)
+    return module.device_count() if module is not None and module.is_available() else 0
+
+
+def unseen_device(device: str) -> Optional[str]:
+    """Why torch cannot run on `device` here (a typo'd index, a CPU-only build); None when it can."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return None
+    count = device_count(kind)
+    if count == 0:
+        return f"torch sees no {kind.upper()} device here (a torch build without {kind}, no driver, or none visible)"
+    if index and int(index) >= count:
+        return f"torch sees {count} {kind.upper()} device(s), {kind}:0 to {kind}:{count - 1}"
+    return None
 
 
 class EngineConfig(BaseModel):
@@ -123,7 +152,8 @@ class SweepConfig(BaseModel):
     device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when available).")
     gpus: Optional[List[str]] = Field(
         None,
-        description="GPUs to spread a grid over, e.g. 0,1,2,3: one engine per tensor_parallel_size GPUs, alphas dealt round robin.",
+        description="GPUs to spread a grid over, e.g. 0,1,2,3: one engine per tensor_parallel_size GPUs, alphas dealt round robin "
+        "(CUDA devices torch sees; with device cpu given, each group's engine runs on the CPU).",
     )
     generate_only: bool = Field(False, description="Generate and cache the responses of exactly the given alphas (0 is not added), score nothing; a later run scores.")
     chat_template: Optional[FilePath] = Field(None, description="Jinja chat template file for a tokenizer without one.")
@@ -167,7 +197,33 @@ class SweepConfig(BaseModel):
     def _device(cls, device: Optional[str]) -> Optional[str]:
         if device is not None and not DEVICE.match(device):
             raise ValueError(f"expected cpu, cuda, cuda:N, xpu or mps, got {device!r}")
+        problem = None if device is None else unseen_device(device)
+        if problem:
+            raise ValueError(f"{device}: {problem}; give cpu")
         return device
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_are_seen(cls, gpus: Optional[List[str]], info: ValidationInfo) -> Optional[List[str]]:
+        """GPUs, not a silent run on the CPU: torch must see CUDA devices, unless the device is
+        explicitly cpu (then each group's engine runs there, as asked)."""
+        device = info.data.get("device")
+        if not gpus or device == "cpu":
+            return gpus
+        if device not in (None, "cuda"):
+            raise ValueError(
+                f"each GPU group sees only its own GPUs (CUDA_VISIBLE_DEVICES), as cuda:0 on: "
+                f"leave device unset or give cuda, not {device!r}"
+            )
+        problem = unseen_device("cuda")
+        if problem:
+            raise ValueError(f"{','.join(gpus)}: {problem}; leave gpus out to run on one device")
+        count = device_count("cuda")
+        beyond = [g for g in gpus if g.isdigit() and int(g) >= count]
+        # CUDA_VISIBLE_DEVICES renumbers what torch sees here, not the physical indices each group gets
+        if beyond and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            raise ValueError(f"GPU {','.join(beyond)}: torch sees {count} CUDA device(s), 0 to {count - 1}")
+        return gpus
 
     @model_validator(mode="after")
     def _one_alpha_source(self) -> "SweepConfig":

@@ -9,6 +9,7 @@ LC win rate here is alpaca_eval's `length_controlled_minimal` formula, fitted lo
 regression of the preference on tanh(standardized length difference), read at no difference.
 """
 
+import json
 import math
 import os
 import re
@@ -16,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from mergekit_expo.errors import ExpoError
 
 # alpaca_eval's preference encoding: 1 the baseline (output_1) wins, 2 the candidate wins, 1.5 a tie.
 BASELINE_WINS, CANDIDATE_WINS, TIE = 1.0, 2.0, 1.5
@@ -25,7 +28,7 @@ FIELDS = re.compile(r"\{(instruction|output_1|output_2)\}")
 MIN_PARSED_SHARE = 0.9
 
 
-class JudgeError(RuntimeError):
+class JudgeError(ExpoError, RuntimeError):
     """The judge cannot be reached or does not answer in the template's format."""
 
 
@@ -81,9 +84,10 @@ class Judge:
             raise JudgeError("the LLM judge needs alpaca-eval and openai: pip install 'mergekit-expo[judge]'") from None
         self.config = config
         self.template = template_text(config.template)
+        self.api_key = os.environ.get(config.api_key_env) or None
         self.client = OpenAI(
             base_url=config.base_url,
-            api_key=os.environ.get(config.api_key_env) or "none",
+            api_key=self.api_key or "none",  # a local server takes any key; one that refuses it hears why (_reason)
             max_retries=config.max_retries,
             timeout=config.timeout_s,
         )
@@ -93,9 +97,14 @@ class Judge:
         from openai import OpenAIError
 
         try:
-            served = [m.id for m in self.client.models.list()]
+            raw = self.client.models.with_raw_response.list()
         except OpenAIError as error:
-            raise JudgeError(f"judge endpoint {self.config.base_url}: {type(error).__name__}: {error}") from None
+            raise JudgeError(f"judge endpoint {self.config.base_url}: {self._reason(error)}") from None
+        listing = self._parsed(raw.content, "/models", hint=" (is --judge-base-url the API's root, e.g. http://127.0.0.1:8000/v1?)")
+        models = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+            raise self._malformed("/models", "has no `data` list of models, each with an `id`", raw.content)
+        served = [m["id"] for m in models]
         if served and self.config.model not in served:
             raise JudgeError(f"judge endpoint {self.config.base_url} does not serve {self.config.model!r} (it serves {', '.join(served)})")
 
@@ -112,16 +121,58 @@ class Judge:
         values = {"instruction": instruction, "output_1": output_1, "output_2": output_2}
         prompt = FIELDS.sub(lambda match: values[match.group(1)], self.template)
         try:
-            reply = self.client.chat.completions.create(
+            raw = self.client.chat.completions.with_raw_response.create(
                 model=self.config.model, messages=prompt_to_chatml(prompt), max_tokens=1, temperature=0
             )
         except OpenAIError as error:
             raise JudgeError(
                 f"judge {self.config.model} at {self.config.base_url} failed (up to {self.config.max_retries} "
-                f"retries for timeouts, 429 and 5xx): {type(error).__name__}: {error}"
+                f"retries for timeouts, 429 and 5xx): {self._reason(error)}"
             ) from None
-        answer = (reply.choices[0].message.content or "").strip()
-        return {"m": "1", "M": "2"}.get(answer)
+        return {"m": "1", "M": "2"}.get(self._content(raw.content).strip())
+
+    def _content(self, body: bytes) -> str:
+        """The first choice's message text ("" for none) of a chat completion's raw reply."""
+        route = "/chat/completions"
+        reply = self._parsed(body, route)
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not isinstance(choices, list):
+            raise self._malformed(route, "has no `choices` list", body)
+        if not choices:
+            raise self._malformed(route, "has an empty `choices` list", body)
+        message = choices[0].get("message") if isinstance(choices[0], dict) else None
+        if not isinstance(message, dict):
+            raise self._malformed(route, "has no `message` in its first choice", body)
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise self._malformed(route, "has a `message.content` that is not text", body)
+        return content or ""
+
+    def _parsed(self, body: bytes, route: str, hint: str = ""):
+        """A reply's JSON, read here rather than by the openai client, which hands back a
+        non-JSON body as a string and a malformed one as a half-built object."""
+        try:
+            return json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise self._malformed(route, "is not UTF-8 text", body) from None
+        except ValueError:
+            raise self._malformed(route, "is not JSON" + hint, body) from None
+
+    def _malformed(self, route: str, problem: str, body: bytes) -> JudgeError:
+        start = body.decode("utf-8", errors="replace")[:200]
+        return JudgeError(f"judge endpoint {self.config.base_url}: its reply to {route} {problem}: {start!r}")
+
+    def _reason(self, error) -> str:
+        """The client's error, and for a refused request (401, 403) what is wrong with the key."""
+        from openai import AuthenticationError, PermissionDeniedError
+
+        reason = f"{type(error).__name__}: {error}"
+        if isinstance(error, (AuthenticationError, PermissionDeniedError)):
+            variable = self.config.api_key_env
+            if self.api_key is None:
+                return f"it refused the request ({reason}): --judge-api-key-env {variable} is not set; set it to the endpoint's API key"
+            return f"it refused the key in {variable} ({reason})"
+        return reason
 
     def preferences(
         self, instructions: Sequence[str], baseline: Sequence[str], candidate: Sequence[str]

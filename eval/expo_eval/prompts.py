@@ -8,14 +8,16 @@ from typing import Dict, List, Optional, Tuple
 
 from pydantic import BaseModel
 
+from mergekit_expo.errors import ExpoError
+
 SMOKE = Path(__file__).parent / "data" / "smoke_prompts.jsonl"
 # The paper picks alpha on UltraFeedback's 1K held-out instructions and reports AlpacaEval 2.0.
 ULTRAFEEDBACK = ("HuggingFaceH4/ultrafeedback_binarized", "test_gen")
 ALPACA_EVAL = ("tatsu-lab/alpaca_eval", "alpaca_eval.json")
 
 
-class PromptError(ValueError):
-    """A prompt source gave no usable prompts."""
+class PromptError(ExpoError, ValueError):
+    """A prompt source gave no usable prompts, or held-out prompts that are select prompts."""
 
 
 class Prompt(BaseModel):
@@ -123,6 +125,18 @@ def _rows(spec: str):
                     yield number, json.loads(line)
                 except json.JSONDecodeError as error:
                     raise PromptError(f"{spec}:{number}: not JSON ({error})") from None
+
+
+def _conversation(prompt: Prompt) -> str:
+    """What a prompt asks, whatever its id: each turn's role and its words (runs of
+    whitespace, leading and trailing ones too, do not make another prompt)."""
+    return json.dumps([(m.get("role"), " ".join(str(m.get("content", "")).split())) for m in prompt.messages])
+
+
+def shared_prompts(these: List[Prompt], those: List[Prompt]) -> int:
+    """How many of `these` ask what one of `those` asks (the same conversation)."""
+    asked = {_conversation(p) for p in those}
+    return sum(_conversation(p) in asked for p in these)
 
 
 def split_prompts(prompts: List[Prompt], fraction: float) -> Tuple[List[Prompt], List[Prompt]]:

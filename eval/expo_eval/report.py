@@ -8,13 +8,12 @@ import csv
 import hashlib
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 import yaml
 
-from expo_eval.files import write_atomic, write_text
+from expo_eval.files import replace_report, write_atomic, write_text
 from expo_eval.records import CandidateResult, Generation
 from expo_eval.selection import Selection
 
@@ -51,8 +50,11 @@ def results_document(
     selection: Selection,
     flags: List[str],
     timing: Optional[dict] = None,
+    inputs: Optional[dict] = None,
 ) -> dict:
-    """timing: the sweep's own costs apart from any candidate (model or engine start-up)."""
+    """timing: the sweep's own costs apart from any candidate (model or engine start-up);
+    inputs: the fingerprints of what the results came from, by input name, so a report
+    from an earlier sweep can be told from the current one."""
     return {
         "schema_version": SCHEMA_VERSION,
         "selector": selection.scorer,
@@ -66,6 +68,7 @@ def results_document(
         "chosen_label": chosen.label,
         "flags": list(flags),
         "timing": dict(timing or {}),
+        "inputs": dict(inputs or {}),
         "candidates": [r.model_dump(mode="json") for r in ordered(results)],
     }
 
@@ -176,8 +179,16 @@ def _mean_stderr(result: CandidateResult, scorer: str) -> str:
 
 
 def card_split(results: List[CandidateResult]) -> str:
-    """The held-out report split where there is one: the honest numbers for a model card."""
+    """The held-out report split where there is one: the honest numbers for a model card
+    (the sweep refuses report prompts that share a prompt with the select prompts)."""
     return "report" if any(r.split == "report" for r in results) else "select"
+
+
+def _scored_prompts(split: str, count: int) -> str:
+    """What the card's numbers were measured on, said so that select prompts never pass as held out."""
+    if split == "report":
+        return f"held-out report prompts ({count}, none of them a select prompt)"
+    return f"select prompts ({count}), the ones alpha was chosen on: no prompts were held out"
 
 
 def card_table(results: List[CandidateResult], chosen: CandidateResult, selection: Selection) -> str:
@@ -194,7 +205,7 @@ def card_table(results: List[CandidateResult], chosen: CandidateResult, selectio
     capabilities = [c for c in capability_columns(results) if "stderr" not in c[1] and c[1] != "sample_len"]
     header += [f"{task} {metric} (lm-eval)" for task, metric in capabilities]
     lines = [
-        f"Scores on the {split} prompts ({rows[0].n if rows else 0}); alpha chosen on the select "
+        f"Scores on the {_scored_prompts(split, rows[0].n if rows else 0)}; alpha chosen on the select "
         f"prompts by the rule {selection.describe()}. Bold: the chosen alpha.",
         "",
         "| " + " | ".join(header) + " |",
@@ -397,16 +408,17 @@ def write_alpaca_eval(
             write_text(out_dir / ALPACA_EVAL_DIR / f"{label}.json", alpaca_eval_outputs(rows, f"expo-{label}"))
 
 
-# Everything write_report writes: a sweep removes them when it starts.
+# Everything write_report writes at the top of the output folder (outdir accepts these names).
 ALPACA_EVAL_DIR = "alpaca_eval"
+GENERATIONS_DIR = "generations"
 REPORT_FILES = ("results.json", "results.csv", "best.yaml", "card_table.md",
                 "reward_vs_alpha.png", "reward_distributions.png", "reward_vs_kl.png")
 
 
-def remove_report(out_dir: Path) -> None:
-    for name in REPORT_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / ALPACA_EVAL_DIR, ignore_errors=True)
+def write_generations(out_dir: Path, generations: Dict[str, List[Generation]]) -> None:
+    """generations/<label>.jsonl: every response of each candidate, one JSON line each."""
+    for label, rows in generations.items():
+        write_text(out_dir / GENERATIONS_DIR / f"{label}.jsonl", "".join(row.model_dump_json() + "\n" for row in rows))
 
 
 def write_report(
@@ -418,18 +430,27 @@ def write_report(
     flags: List[str],
     generations: Dict[str, List[Generation]],
     timing: Optional[dict] = None,
+    inputs: Optional[dict] = None,
 ) -> None:
-    """results.json, results.csv, best.yaml, card_table.md, alpaca_eval/ and the plots, each atomically."""
+    """results.json, results.csv, best.yaml, card_table.md, generations/, alpaca_eval/ and the
+    plots, written aside and swapped in once all are (files.replace_report): the folder holds
+    one whole report, this one or the one before, and files of the one before that this one
+    does not have (other alphas' generations) are removed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    document = json.dumps(results_document(results, chosen, selection, flags, timing), indent=2) + "\n"
-    write_text(out_dir / "results.json", document)
-    write_text(out_dir / "results.csv", results_csv(results, selection))
-    record = sweep_record(results, chosen, selection, out_dir / "results.json", document)
-    write_text(out_dir / "best.yaml", best_recipe(recipe_text, chosen, selection, record))
-    write_text(out_dir / "card_table.md", card_table(results, chosen, selection))
-    write_alpaca_eval(out_dir, results, chosen, generations)
-    write_plots(out_dir, results, chosen, selection.scorer, generations)
+    document = json.dumps(results_document(results, chosen, selection, flags, timing, inputs), indent=2) + "\n"
+    record = sweep_record(results, chosen, selection, out_dir / "results.json", document)  # where it will be
+
+    def write(folder: Path) -> None:
+        write_text(folder / "results.json", document)
+        write_text(folder / "results.csv", results_csv(results, selection))
+        write_text(folder / "best.yaml", best_recipe(recipe_text, chosen, selection, record))
+        write_text(folder / "card_table.md", card_table(results, chosen, selection))
+        write_generations(folder, generations)
+        write_alpaca_eval(folder, results, chosen, generations)
+        write_plots(folder, results, chosen, selection.scorer, generations)
+
+    replace_report(out_dir, write)
 
 
 def _capability_cell(result: CandidateResult) -> str:

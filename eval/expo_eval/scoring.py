@@ -12,11 +12,12 @@ from tqdm.auto import tqdm
 
 from expo_eval.chat import render_ids
 from expo_eval.prompts import Prompt
+from mergekit_expo.errors import ExpoError
 
 FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-class ScorerError(ValueError):
+class ScorerError(ExpoError, ValueError):
     """A scorer that cannot give one scalar per (prompt, response)."""
 
 

@@ -133,7 +133,10 @@ def bisection_points(
     if not healthy:
         return []
     alphas = [r.alpha for r in ordered]
-    best = selection.best(healthy, baseline).alpha
+    chosen = selection.best(healthy, baseline)
+    if chosen is None:  # the rule rates none of them (their KL is no distance): nothing to refine around
+        return []
+    best = chosen.alpha
     index = alphas.index(best)
     neighbours = [alphas[i] for i in (index - 1, index + 1) if 0 <= i < len(alphas)]
     tolerance = min_step * 1e-9
@@ -156,10 +159,8 @@ def search_alphas(
     ones only collapse harder and cost the most (every response runs to the length
     limit). `evaluate` returns results with collapse (and, for the kl-bound rule, KL)
     already marked; alpha = 0 is the sweep's (`baseline`), not the search's. Returns
-    every evaluated result, by alpha.
+    every evaluated result, by alpha (SearchConfig holds 0 < low < high).
     """
-    if not 0 < config.low < config.high:
-        raise ValueError(f"search needs 0 < low < high, got [{config.low}, {config.high}]")
     results: Dict[float, CandidateResult] = {}
     for alpha in coarse_grid(config):
         results[alpha] = evaluate(alpha)
@@ -186,7 +187,10 @@ def choose_alpha(results: List[CandidateResult], selection: Selection) -> Candid
     ]
     if not eligible:
         raise SelectionError("no candidate on the select split is left after collapse detection")
-    return selection.best(eligible, baseline_of(results))
+    chosen = selection.best(eligible, baseline_of(results))
+    if chosen is None:
+        raise SelectionError(f"{selection.rule} rates no candidate on the select split: " + "; ".join(selection.problems(results)))
+    return chosen
 
 
 def reward_hacking_flags(

@@ -13,7 +13,9 @@ sigma_e * sqrt(2 D) (the Donsker-Varadhan bound, exact for Gaussian e), so the v
 a lower bound on the true gain: what the reward model reports, less the most its errors
 could have contributed at that KL. It is read off the reward-KL curve and needs nothing
 a user lacks: the scores, and the log-probabilities of the sampled responses under the
-candidate and under theta0. sigma_e follows from the reward model's pairwise accuracy
+candidate and under theta0. KL is a sampled estimate, so the distance charged is its upper
+confidence bound (`kl_distance`): a distance the samples cannot tell from zero is not zero.
+sigma_e follows from the reward model's pairwise accuracy
 with Gaussian true rewards and errors: accuracy = 1/2 + arctan(sd_true / sigma_e) / pi,
 and sd_true^2 + sigma_e^2 is the variance of its scores, so
 sigma_e = sd_scores * cos(pi * (accuracy - 1/2)). The default accuracy, 0.75, is about
@@ -25,16 +27,18 @@ from dataclasses import dataclass
 from typing import List, Literal, Optional
 
 from expo_eval.records import CandidateResult
+from mergekit_expo.errors import ExpoError
 
 Rule = Literal["kl-bound", "reward-max"]
 RULES = ("kl-bound", "reward-max")
 DEFAULT_REWARD_ACCURACY = 0.75
-# A KL estimate this many standard errors below zero is not a distance (KL >= 0): the sampled
-# responses (temperature, top-k/top-p, penalties) are not draws from the models scored.
-KL_BELOW_ZERO_Z = 2.0
+# Standard errors in every confidence statement on a KL estimate: one this far below zero is not
+# a distance (KL >= 0; the responses sampled with temperature, top-k/top-p and penalties are not
+# draws from the models scored), and the distance charged is the estimate plus this many.
+KL_Z = 2.0
 
 
-class SelectionError(ValueError):
+class SelectionError(ExpoError, ValueError):
     """The rule cannot choose from these results; the message says what to change."""
 
 
@@ -72,13 +76,15 @@ class Selection:
                 f"{result.label} has no KL estimate (log-probabilities missing); "
                 "the kl-bound rule needs one, or choose with --select reward-max"
             )
-        if not measured(result):
+        distance = kl_distance(result, baseline)
+        if distance is None:
             return mean if result.alpha == 0 else None  # theta1 itself needs no distance to be chosen
-        return mean - self.error_sd(baseline) * math.sqrt(2 * max(result.kl, 0.0))
+        return mean - self.error_sd(baseline) * math.sqrt(2 * distance)
 
     def problems(self, results: List[CandidateResult]) -> List[str]:
         """Warnings where kl-bound could not do its job: no spread of scores to scale its penalty
-        (it then chose as reward-max does), or candidates whose KL estimate is not a distance."""
+        (it then chose as reward-max does), or candidates whose KL estimate is not a distance
+        (each named, with why)."""
         if self.rule != "kl-bound":
             return []
         baseline = baseline_of(results)
@@ -87,12 +93,12 @@ class Selection:
             "KL penalty, so it chose as reward-max does: give more prompts"
         ]
         return flat + [
-            f"{r.label}: the KL estimate {r.kl:.3g} ± {r.kl_stderr or 0:.2g} is below zero by more than "
-            f"{KL_BELOW_ZERO_Z:g} standard errors (the responses were sampled with temperature, top-k/top-p "
-            "and penalties, the log-probabilities are the models' own), so kl-bound did not consider it: "
-            "it does not choose a candidate whose distance from theta0 it could not measure"
+            f"{r.label}: {problem}; kl-bound did not consider it "
+            "(it does not choose a candidate whose distance from theta0 it could not measure)"
             for r in results
-            if r.split == "select" and r.alpha not in (None, 0) and r.kl is not None and not measured(r)
+            if r.split == "select" and r.alpha not in (None, 0) and r.kl is not None
+            for problem in [kl_problem(r, baseline)]
+            if problem is not None
         ]
 
     def annotate(self, results: List[CandidateResult]) -> List[CandidateResult]:
@@ -105,26 +111,64 @@ class Selection:
             for r in results
         ]
 
-    def best(self, candidates: List[CandidateResult], baseline: Optional[CandidateResult]) -> CandidateResult:
-        """The highest value; ties go to the smaller alpha, the smaller step from theta1."""
+    def best(self, candidates: List[CandidateResult], baseline: Optional[CandidateResult]) -> Optional[CandidateResult]:
+        """The candidate `preference` ranks first by this rule's value; None when it rates none."""
         rated = [(value, r) for r in candidates for value in [self.value(r, baseline)] if value is not None]
-        if not rated:
-            raise SelectionError("no candidate on the select split to choose from")
-        return max(rated, key=lambda pair: (pair[0], -pair[1].alpha))[1]
+        return max(rated, key=lambda pair: preference(pair[0], pair[1].alpha), default=(None, None))[1]
 
     def describe(self) -> str:
         if self.rule == "reward-max":
             return f"reward-max (the highest mean of {self.scorer})"
         return (
             f"kl-bound (the mean of {self.scorer} less sigma_e * sqrt(2 KL(candidate || theta0)), "
+            f"KL at its upper confidence bound max(KL, 0) + {KL_Z:g} SE, "
             f"sigma_e for a pairwise accuracy of {self.reward_accuracy:g})"
         )
 
 
-def measured(result: CandidateResult) -> bool:
-    """Whether the KL estimate can stand for a distance: finite, and not clearly below zero."""
+def preference(value: float, alpha: float) -> tuple:
+    """How every rule ranks candidates (a max key): the higher value; on a tie the alpha nearest 0
+    (theta1, the model that was trained), and between alpha and -alpha the one that interpolates
+    toward theta0 rather than extrapolating past theta1."""
+    return (value, -abs(alpha), -alpha)
+
+
+def kl_problem(result: CandidateResult, baseline: Optional[CandidateResult]) -> Optional[str]:
+    """Why the result's KL estimate cannot stand for its distance from theta0; None when it can.
+
+    Beside an estimate that is no number or is clearly below zero, one that cannot be told from
+    zero and whose standard error exceeds theta1's whole distance from theta0 (alpha = 0's upper
+    bound, on the same prompts) is left out: it cannot tell a candidate nearer theta0 than theta1
+    is from one far beyond it. theta1 itself is never left out for noise.
+    """
     kl, stderr = result.kl, result.kl_stderr or 0.0
-    return kl is not None and math.isfinite(kl) and math.isfinite(stderr) and kl + KL_BELOW_ZERO_Z * stderr >= 0
+    if kl is None:
+        return "there is no KL estimate (log-probabilities missing)"
+    estimate = f"the KL estimate {kl:.3g} ± {stderr:.2g}"
+    if not (math.isfinite(kl) and math.isfinite(stderr)):
+        return f"{estimate} is not a finite number"
+    if kl + KL_Z * stderr < 0:
+        return (
+            f"{estimate} is below zero by more than {KL_Z:g} standard errors (the responses were sampled with "
+            "temperature, top-k/top-p and penalties, the log-probabilities are the models' own)"
+        )
+    if result.alpha != 0 and kl < KL_Z * stderr:
+        theta1 = (kl_distance(baseline, baseline) if baseline is not None else None) or 0.0
+        if stderr > theta1:
+            return (
+                f"{estimate} cannot be told from zero and its standard error exceeds alpha=0's whole distance "
+                f"from theta0 (at most {theta1:.2g} nats): too noisy to place it against theta1 (give more prompts)"
+            )
+    return None
+
+
+def kl_distance(result: CandidateResult, baseline: Optional[CandidateResult]) -> Optional[float]:
+    """The distance from theta0, in nats per response, that a KL-aware rule charges the candidate:
+    the estimate's upper confidence bound max(KL, 0) + KL_Z * SE, so that a distance the samples
+    cannot tell from zero never counts as zero. None where `kl_problem` names a reason."""
+    if kl_problem(result, baseline) is not None:
+        return None
+    return max(result.kl, 0.0) + KL_Z * (result.kl_stderr or 0.0)
 
 
 def baseline_of(results: List[CandidateResult]) -> Optional[CandidateResult]:

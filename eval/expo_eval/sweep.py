@@ -17,11 +17,12 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from expo_eval.candidates import load_recipe
+from expo_eval.candidates import Candidates, load_recipe, merge_options
 from expo_eval.config import SweepConfig
-from expo_eval.files import write_text
+from expo_eval.files import finish_report_swap, write_text
 from expo_eval.fingerprint import (
     describe_changes,
     function_fingerprint,
@@ -30,10 +31,11 @@ from expo_eval.fingerprint import (
     text_fingerprint,
 )
 from expo_eval.lock import SweepLock
-from expo_eval.prompts import Prompt, load_prompts, split_prompts
+from expo_eval.outdir import check_output_folder, writing
+from expo_eval.prompts import Prompt, PromptError, load_prompts, shared_prompts, split_prompts
 from expo_eval.records import CandidateResult, Generation, ScoreStats, Split
-from expo_eval.report import print_table, remove_report, write_report
-from expo_eval.scoring import FUNCTION_SPEC, Scorer, ScorerError, check_scores, load_scorer
+from expo_eval.report import print_table, write_report
+from expo_eval.scoring import FUNCTION_SPEC, Scorer, ScorerError, check_scores, load_scorer, split_objective
 from expo_eval.search import (
     capability_flags,
     choose_alpha,
@@ -45,6 +47,7 @@ from expo_eval.search import (
     search_alphas,
 )
 from expo_eval.shards import generate_sharded
+from mergekit_expo.run import MergeError, check_inputs, describe
 
 def digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -79,6 +82,11 @@ class Sweep:
         self.config = config
         self.recipe_text = config.recipe.read_text()
         self.recipe = load_recipe(self.recipe_text)
+        self.merge_options = merge_options(config.trust_remote_code)
+        try:
+            check_inputs(self.recipe, self.merge_options)  # the merge's own checks, before anything
+        except (ValueError, OSError) as error:
+            raise MergeError(describe(error)) from None
         self.splits = self._prompt_splits()
         self._backend = backend
         self._owns_backend = backend is None
@@ -97,7 +105,26 @@ class Sweep:
         self._reward_bytes: Optional[int] = None  # set while reward models share the device
         self._judge = None  # an LLM judge, set up when the sweep starts
         self.chat_template = config.chat_template.read_text() if config.chat_template else None
+        self.generation_template = self._generation_template()
         self.inputs = self._fingerprints()
+        self._check_candidates()
+
+    def _check_candidates(self) -> None:
+        """Stop before the first generation, naming the alpha, where a candidate the sweep
+        would build fails the merge's per-tensor checks (NaN or Inf inputs, a result its
+        dtype cannot hold): the merge would refuse that alpha, and a grid with a hole is
+        not the sweep that was asked for. Each element of theta1 + alpha * delta is linear
+        in alpha, so the largest magnitudes lie at the ends of the alphas swept: two
+        candidates built and discarded prove the rest (each is checked again when it is
+        built). An end already generated passed then and is not built again."""
+        config = self.config
+        if config.alphas is not None:
+            alphas = sorted(set(config.alphas) | ({0.0} if not config.generate_only else set()))
+        else:  # a search stays in [low, high] (0 < low); alpha 0 is its baseline
+            alphas = [0.0, config.search.high]
+        ends = [a for a in dict.fromkeys((alphas[0], alphas[-1])) if not self._has_generation(a, "select")]
+        if ends:
+            Candidates(self.recipe, self.merge_options).check(ends)
 
     def _fingerprints(self) -> Dict[str, str]:
         """Content fingerprints of everything a cached result depends on, by input name."""
@@ -124,19 +151,50 @@ class Sweep:
         for name in describe_changes(read_manifest(self.cache / "inputs.json"), self.inputs):
             LOG.warning("%s changed since the last sweep in %s: its results are redone", name, self.config.out)
 
-    def _remove_old_report(self) -> None:
-        """An earlier sweep's report must not look like this one's while it runs (or if it
-        is killed): it is written again at the end, from the cache."""
-        remove_report(self.config.out)
+    def _input_paths(self) -> Dict[str, Path]:
+        """Every local file or folder the sweep reads, described: the output folder must not
+        be, contain or lie inside one (a hub ID or a function scorer is no path)."""
+        config, recipe = self.config, self.recipe
+        theta0 = recipe.base_model.model.path
+        paths = {f"the recipe {config.recipe}": config.recipe, f"the theta0 folder {theta0}": theta0}
+        for model in recipe.models or []:
+            if model.model != recipe.base_model:
+                paths[f"the aligned model's folder {model.model.model.path}"] = model.model.model.path
+        if config.chat_template is not None:
+            paths[f"the chat template file {config.chat_template}"] = config.chat_template
+        for name in config.reward_models:
+            paths[f"the reward model's folder {name}"] = split_objective(name)[0]
+        for prompts in filter(None, (config.prompts, config.select_prompts, config.report_prompts)):
+            paths[f"the prompt file {prompts}"] = prompts
+        return {what: Path(path) for what, path in paths.items() if Path(path).exists()}
 
     def _prompt_splits(self) -> Dict[Split, List[Prompt]]:
+        """The select prompts (they choose alpha) and the held-out report prompts, which must
+        not share a prompt with them: the report would not be held out."""
         config = self.config
         if config.select_prompts or config.report_prompts:
-            select = load_prompts(config.select_prompts or config.prompts, config.limit)
-            report = load_prompts(config.report_prompts or config.prompts, config.limit)
+            sources = {
+                split: (f"--{split}-prompts", spec) if spec else ("--prompts", config.prompts)
+                for split, spec in (("select", config.select_prompts), ("report", config.report_prompts))
+            }
+            select, report = (load_prompts(sources[split][1], config.limit) for split in ("select", "report"))
+            shared = shared_prompts(report, select)
+            if shared:
+                raise PromptError(
+                    "{} {} shares {} of its {} prompts with the select prompts ({} {}): held-out prompts "
+                    "must be disjoint; drop the shared ones, or give one set with --prompts and let "
+                    "--select-fraction split it".format(*sources["report"], shared, len(report), *sources["select"])
+                )
             return {"select": select, "report": report}
         select, report = split_prompts(load_prompts(config.prompts, config.limit), config.select_fraction)
         return {"select": select, "report": report}
+
+    def _generation_template(self):
+        """The chat template the backends render prompts with: the one the merge writes
+        (the recipe's `chat_template:` and tokenizer settings), or --chat-template's."""
+        from expo_eval.backends.hf import load_tokenizer
+
+        return load_tokenizer(self.recipe, self.chat_template, self.merge_options).chat_template
 
     @property
     def backend(self):
@@ -186,7 +244,9 @@ class Sweep:
                 "recipe": self.recipe_text,
                 "inputs": models,  # checkpoint and chat-template contents, not their paths
                 "alpha": alpha,
+                "split": split,  # a row records its split: a report row is never a select row
                 "prompts": [p.id for p in self.splits[split]],
+                "chat_template": self.generation_template,  # the text prompts are rendered with
                 "sampling": self.config.sampling.model_dump(),
                 "backend": self.config.backend,
                 "device": self.config.device,
@@ -379,14 +439,17 @@ class Sweep:
     # -- the whole sweep -----------------------------------------------------------------
 
     def run(self) -> SweepOutcome:
+        """The output folder is checked before anything (the lock file too) is written there."""
         config = self.config
-        with SweepLock(config.out) as self._lock:
+        check_output_folder(config.out, self._input_paths())
+        with writing(config.out), SweepLock(config.out) as self._lock:
             return self._run_locked(print_table, write_report)
 
     def _run_locked(self, print_table, write_report) -> SweepOutcome:
+        """The previous report stays until this one is complete and replaces it (write_report)."""
         config = self.config
+        finish_report_swap(config.out)  # one a killed sweep left midway
         self._note_changed_inputs()
-        self._remove_old_report()
         for name in config.reward_models:  # before the first generation, not after it
             self.check_scorer(name)
         if config.lm_eval is not None:
@@ -418,23 +481,14 @@ class Sweep:
         finally:
             self.release_backend()
             self.release_scorers()
-        written = set()
-        for name, rows in self.generations.items():
-            written.add(f"{name}.jsonl")
-            write_text(
-                config.out / "generations" / f"{name}.jsonl",
-                "".join(row.model_dump_json() + "\n" for row in rows),
-            )
-        for stale in (config.out / "generations").glob("*.jsonl"):  # an earlier sweep's other alphas
-            if stale.name not in written:
-                stale.unlink()
         timing = {"startup_s": self.startup_seconds}
 
         def report() -> List[str]:
             flags = selection.problems(results) + reward_hacking_flags(results, chosen, config.selector)
             flags += other_rule_flags(results, chosen, selection) + judge_flags(results, chosen)
             flags += capability_flags(results, chosen)
-            write_report(config.out, results, chosen, self.recipe_text, selection, flags, self.generations, timing)
+            write_report(config.out, results, chosen, self.recipe_text, selection, flags, self.generations, timing,
+                         self.inputs)
             return flags
 
         flags = report()

@@ -28,12 +28,13 @@ def make_backend(config, recipe_text: str, recipe, *, reward_bytes: Optional[int
             recipe_text,
             recipe.models[0].model.model.path,
             chat_template=chat_template,
+            trust_remote_code=config.trust_remote_code,
             **engine_options(config.engine, on_gpu=device.startswith("cuda"), reward_bytes=reward_bytes),
         )
     from expo_eval.backends.hf import MaterializedBackend, TransformersBackend
-    from expo_eval.candidates import Candidates
+    from expo_eval.candidates import Candidates, merge_options
 
-    candidates = Candidates(recipe)
+    candidates = Candidates(recipe, merge_options(config.trust_remote_code))
     if config.materialize:
         return MaterializedBackend(
             candidates,

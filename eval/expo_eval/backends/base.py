@@ -8,9 +8,10 @@ from pydantic import BaseModel
 from expo_eval.chat import Messages
 from expo_eval.config import SamplingConfig
 from expo_eval.records import FinishReason
+from mergekit_expo.errors import ExpoError
 
 
-class BackendError(ValueError):
+class BackendError(ExpoError, ValueError):
     """The model, tokenizer or engine cannot be used for chat generation."""
 
 

@@ -9,7 +9,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -19,9 +18,10 @@ from transformers import (
 )
 
 from expo_eval.backends.base import BackendError, Completion, check_context
-from expo_eval.candidates import Candidates, return_freed_memory
+from expo_eval.candidates import Candidates, merge_options, return_freed_memory
 from expo_eval.chat import Messages, render_ids, response_ids, response_text
 from expo_eval.config import SamplingConfig
+from mergekit_expo.merged_tokenizer import merged_tokenizer, merged_vocab_size
 
 
 class PresenceFrequencyPenalty(LogitsProcessor):
@@ -46,6 +46,25 @@ class PresenceFrequencyPenalty(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+class FiniteLogits(LogitsProcessor):
+    """Stop on NaN or +inf logits, naming the candidate. Its weights passed the merge's checks,
+    so its activations overflow their dtype (float16 at a large alpha, say): it has no
+    distribution to sample, and transformers would fail inside torch.multinomial (or greedy
+    decoding pick token 0). -inf is a masked token, not a failure."""
+
+    def __init__(self, candidate: str, dtype: torch.dtype):
+        self.candidate, self.dtype = candidate, str(dtype).removeprefix("torch.")
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if bool(torch.isnan(scores).any() or torch.isposinf(scores).any()):
+            raise BackendError(
+                f"{self.candidate}: the model's logits are NaN or infinite (its {self.dtype} activations "
+                "overflow), so it cannot generate: leave this alpha out, or sweep a wider dtype "
+                "(out_dtype: float32 in the recipe)"
+            )
+        return scores
+
+
 def sampling_processors(prompt_length: int, sampling: SamplingConfig) -> LogitsProcessorList:
     """Penalties, then temperature, top-k and top-p: vLLM's order."""
     processors = [
@@ -60,13 +79,37 @@ def sampling_processors(prompt_length: int, sampling: SamplingConfig) -> LogitsP
     return LogitsProcessorList(processors)
 
 
-def load_tokenizer(path: str, chat_template: Optional[str] = None):
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(recipe, chat_template: Optional[str] = None, options=None):
+    """The tokenizer the merged model gets (mergekit_expo.merged_tokenizer: the recipe's
+    tokenizer settings and `chat_template:`), so alpha is chosen on the prompt format the
+    merge writes; `chat_template` (--chat-template's text) overrides its template.
+
+    Refuses tokenizer settings that resize the embeddings: the sweep fills the candidates
+    into a model of the aligned model's shape. `options`: mergekit's MergeOptions the
+    sweep loads the models with (trust_remote_code).
+    """
+    options = options or merge_options()
+    try:
+        tokenizer = merged_tokenizer(recipe, options)
+    except ValueError as error:
+        raise BackendError(str(error)) from None
+    rows = merged_vocab_size(recipe, tokenizer)
+    model = recipe.models[0].model
+    model_rows = getattr(model.config(trust_remote_code=options.trust_remote_code), "vocab_size", None)
+    if rows is not None and model_rows is not None and rows != model_rows:
+        setting = "tokenizer:" if recipe.tokenizer is not None else f"tokenizer_source: {recipe.tokenizer_source}"
+        raise BackendError(
+            f"the recipe's `{setting}` gives the merged model a vocabulary of {rows} tokens where "
+            f"{model} has {model_rows}: the sweep generates with the models' own embeddings and "
+            "cannot reproduce that merge; drop the tokenizer settings from the recipe when the "
+            "models share one tokenizer, or merge the tokenizers into the models first and sweep those"
+        )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if tokenizer.chat_template is None:
         raise BackendError(
-            f"{path}: the tokenizer has no chat template; pass one with --chat-template FILE"
+            f"{tokenizer.name_or_path}: the tokenizer the merge writes has no chat template; set "
+            "`chat_template:` in the recipe (e.g. chatml) or pass one with --chat-template FILE"
         )
     # padding_side is not saved with a tokenizer, and right padding ruins batched generation.
     tokenizer.padding_side = "left"
@@ -86,14 +129,17 @@ class TransformersBackend:
     ):
         self.candidates = candidates
         self.device = device
+        self.alpha: Optional[float] = 0.0  # the aligned model as loaded is the alpha-0 candidate
         path = candidates.aligned_models[0].model.path
         started = time.perf_counter()
-        self.tokenizer = load_tokenizer(path, chat_template)
+        self.tokenizer = load_tokenizer(candidates.recipe, chat_template, candidates.options)
         self.model = self._load_model(path)
         self.startup_seconds = time.perf_counter() - started
 
     def _load_model(self, path: str):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.candidates.dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=self.candidates.dtype, trust_remote_code=self.candidates.options.trust_remote_code
+        )
         return model.to(self.device).eval()
 
     @torch.no_grad()
@@ -103,6 +149,7 @@ class TransformersBackend:
             self.candidates.fill(alpha, self.model.state_dict(keep_vars=True))
         except KeyError as error:
             raise BackendError(f"the recipe produces tensor {error.args[0]}, which the model lacks") from None
+        self.alpha = alpha
         return_freed_memory()
 
     def render(self, messages: Messages) -> List[int]:
@@ -133,11 +180,16 @@ class TransformersBackend:
             output = self.model.generate(
                 **batch,
                 generation_config=config,
-                logits_processor=sampling_processors(length, sampling),
+                logits_processor=LogitsProcessorList(
+                    [FiniteLogits(self._candidate(), self.model.dtype), *sampling_processors(length, sampling)]
+                ),
             )
             for row in output[:, length:].tolist():
                 completions.append(self._completion(row, eos))
         return completions
+
+    def _candidate(self) -> str:
+        return "the SFT model" if self.alpha is None else f"alpha={self.alpha:g}"
 
     @torch.no_grad()
     def response_logprobs(
@@ -183,8 +235,8 @@ class MaterializedBackend(TransformersBackend):
 
     def load_candidate(self, alpha: Optional[float]) -> None:
         import mergekit.merge
-        from mergekit.options import MergeOptions
 
+        self.alpha = alpha
         if alpha is None:
             self.model = self._load_model(self.candidates.recipe.base_model.model.path)
             return
@@ -192,7 +244,7 @@ class MaterializedBackend(TransformersBackend):
             update={"parameters": {**(self.candidates.recipe.parameters or {}), "alpha": alpha}}
         )
         out = self.models_dir / f"alpha={alpha:g}"
-        mergekit.merge.run_merge(recipe, str(out), options=MergeOptions(quiet=True))
+        mergekit.merge.run_merge(recipe, str(out), options=self.candidates.options)
         self.model = self._load_model(str(out))
         if not self.keep:
             shutil.rmtree(out)

@@ -11,16 +11,15 @@ import gc
 import inspect
 import logging
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
-from mergekit.options import MergeOptions
 
 from expo_eval.backends.base import BackendError, Completion, check_context
-from expo_eval.candidates import Candidates, load_recipe, return_freed_memory
+from expo_eval.candidates import Candidates, RecipeError, load_recipe, merge_options, return_freed_memory
 from expo_eval.chat import Messages, render_ids, response_ids, response_text
 from expo_eval.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, SamplingConfig
-from mergekit_expo.run import output_dtype
+from mergekit_expo.run import MergeError, output_dtype
 
 LOG = logging.getLogger("expo_eval")
 GIB = 1 << 30
@@ -108,7 +107,7 @@ def render_prompt(tokenizer, messages: Messages, chat_template: Optional[str] = 
     return {"prompt_token_ids": ids}
 
 
-def engine_dtype(recipe_text: str, dtype: str = "auto") -> str:
+def engine_dtype(recipe_text: str, dtype: str = "auto", trust_remote_code: bool = False) -> str:
     """The dtype for vLLM: `dtype` when given, else the one mergekit-yaml would write.
 
     vLLM's own "auto" takes the checkpoint's dtype: a recipe that writes float32 to keep
@@ -116,7 +115,7 @@ def engine_dtype(recipe_text: str, dtype: str = "auto") -> str:
     """
     if dtype != "auto":
         return dtype
-    return output_dtype(load_recipe(recipe_text), MergeOptions()) or "auto"
+    return output_dtype(load_recipe(recipe_text), merge_options(trust_remote_code)) or "auto"
 
 
 def completion(output, tokenizer) -> Completion:
@@ -162,30 +161,40 @@ class ExpoWorkerExtension:
     Methods carry an `expo_` prefix so they can never shadow the worker's own.
     """
 
-    def expo_load_candidate(self, recipe_text: str, alpha: Optional[float]) -> int:
-        """Load theta1 + alpha * delta (theta0 when alpha is None); returns the tensor count."""
+    def expo_load_candidate(
+        self, recipe_text: str, alpha: Optional[float], trust_remote_code: bool = False
+    ) -> Union[int, str]:
+        """Load theta1 + alpha * delta (theta0 when alpha is None); returns the tensor count,
+        or the message of the user error that stopped it (the merge's per-tensor checks, an
+        unusable recipe). That message crosses vLLM's process boundary as a value: raised,
+        vLLM would log the worker's traceback and re-raise the text inside its own error."""
         device = self._expo_device()
         loaded = 0
 
         def weights():
             nonlocal loaded
-            for name, tensor in self._expo_candidates(recipe_text).weights(alpha):
+            for name, tensor in self._expo_candidates(recipe_text, trust_remote_code).weights(alpha):
                 loaded += 1
                 yield name, tensor.to(device)
 
         runner = self.model_runner
-        if _takes_weights(getattr(runner, "reload_weights", None)):
-            runner.reload_weights(weights_iterator=weights())
-        else:
-            runner.model.load_weights(weights=weights())
-        return_freed_memory()
+        try:
+            if _takes_weights(getattr(runner, "reload_weights", None)):
+                runner.reload_weights(weights_iterator=weights())
+            else:
+                runner.model.load_weights(weights=weights())
+        except (MergeError, RecipeError) as error:
+            return str(error)
+        finally:
+            return_freed_memory()
         return loaded
 
-    def _expo_candidates(self, recipe_text: str) -> Candidates:
+    def _expo_candidates(self, recipe_text: str, trust_remote_code: bool) -> Candidates:
+        key = (recipe_text, trust_remote_code)
         cached = getattr(self, "_expo_cached", None)
-        if cached is None or cached[0] != recipe_text:
+        if cached is None or cached[0] != key:
             self._expo_cached = None  # let the old inputs go before loading new ones
-            self._expo_cached = (recipe_text, Candidates(load_recipe(recipe_text)))
+            self._expo_cached = (key, Candidates(load_recipe(recipe_text), merge_options(trust_remote_code)))
         return self._expo_cached[1]
 
     def _expo_device(self) -> torch.device:
@@ -196,9 +205,11 @@ class ExpoWorkerExtension:
 class VLLMBackend:
     """One `vllm.LLM` for a sweep phase; each candidate is a weight swap in its workers.
 
-    model_path gives the architecture, tokenizer and starting weights (the aligned
-    model will do); dtype "auto" means the recipe's output dtype. `llm_options` go
-    to `vllm.LLM` as they are (see `engine_options`).
+    model_path gives the architecture and starting weights (the aligned model will do);
+    prompts are rendered and responses decoded with the tokenizer the merge writes
+    (backends.hf.load_tokenizer; `chat_template` overrides its template). dtype "auto"
+    means the recipe's output dtype. `llm_options` go to `vllm.LLM` as they are (see
+    `engine_options`).
     """
 
     def __init__(
@@ -207,26 +218,35 @@ class VLLMBackend:
         model_path: str,
         dtype: str = "auto",
         chat_template: Optional[str] = None,
+        trust_remote_code: bool = False,
         **llm_options: Any,
     ):
+        from expo_eval.backends.hf import load_tokenizer
+
         vllm = _vllm()
         self.recipe_text = recipe_text
-        self.chat_template = chat_template
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = load_tokenizer(  # before the engine's start-up
+            load_recipe(recipe_text), chat_template, merge_options(trust_remote_code)
+        )
         started = time.perf_counter()
         try:
             self.llm = vllm.LLM(
                 model=model_path,
-                dtype=engine_dtype(recipe_text, dtype),
+                dtype=engine_dtype(recipe_text, dtype, trust_remote_code),
                 worker_extension_cls=WORKER_EXTENSION,
+                trust_remote_code=trust_remote_code,
                 **llm_options,
             )
         except (ValueError, RuntimeError) as error:  # vLLM's messages say what to change
             raise BackendError(f"vLLM could not start an engine for {model_path}: {error}") from None
         self.startup_seconds = time.perf_counter() - started
-        self.tokenizer = self.llm.get_tokenizer()
 
     def load_candidate(self, alpha: Optional[float]) -> None:
-        counts = self.llm.collective_rpc("expo_load_candidate", args=(self.recipe_text, alpha))
+        counts = self.llm.collective_rpc("expo_load_candidate", args=(self.recipe_text, alpha, self.trust_remote_code))
+        stopped = [count for count in counts if isinstance(count, str)]
+        if stopped:
+            raise BackendError(stopped[0])
         if not counts or not counts[0] or len(set(counts)) != 1:
             raise RuntimeError(f"vLLM workers loaded {counts} tensors for alpha={alpha}")
         # Prefix caching is on by default: without a reset, prompts already seen would
@@ -237,7 +257,7 @@ class VLLMBackend:
     def generate(self, prompts: Sequence[Messages], sampling: SamplingConfig) -> List[Completion]:
         params = _vllm().SamplingParams(**sampling_params_kwargs(sampling))
         requests = [
-            render_prompt(self.tokenizer, messages, self.chat_template) for messages in prompts
+            render_prompt(self.tokenizer, messages) for messages in prompts
         ]
         context = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
         check_context([r["prompt_token_ids"] for r in requests], context, sampling.max_new_tokens, prompts)
@@ -251,7 +271,7 @@ class VLLMBackend:
         requests, lengths = [], []
         for messages, (text, stopped) in zip(prompts, responses):
             response = response_ids(self.tokenizer, text, stopped)
-            prompt = render_prompt(self.tokenizer, messages, self.chat_template)["prompt_token_ids"]
+            prompt = render_prompt(self.tokenizer, messages)["prompt_token_ids"]
             requests.append({"prompt_token_ids": prompt + response})
             lengths.append(len(response))
         totals = []
