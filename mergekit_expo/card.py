@@ -5,11 +5,13 @@ looks like `owner/name`; the Hub is never asked.
 """
 
 import logging
+import os
 from typing import Dict, List, Optional, Union
 
 import yaml
 from mergekit.config import MergeConfiguration
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from typing_extensions import Annotated
 
 from mergekit_expo import advice, stats
 from mergekit_expo.compat import CARD_TEMPLATE, ModelReference
@@ -176,6 +178,9 @@ class SweepRow(BaseModel):
     lm_eval: Optional[Dict[str, Dict[str, float]]] = None  # lm-evaluation-harness, {task: {metric: value}}
 
 
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class SweepRecord(BaseModel):
     """What `mergekit-expo sweep` writes under `expo_sweep` in best.yaml (mergekit ignores the key)."""
 
@@ -184,8 +189,8 @@ class SweepRecord(BaseModel):
     rule: str
     rule_description: str
     scorers: List[str]
-    alphas: List[float]
-    chosen_alpha: float
+    alphas: List[FiniteFloat]
+    chosen_alpha: FiniteFloat
     select: List[SweepRow]
     held_out: List[SweepRow] = []
 
@@ -212,11 +217,21 @@ def sweep_section(config_yaml: str, parameters: Dict[str, object]) -> str:
         )
         LOG.warning("Model card: %s", message)
         return f"\n> **Warning:** {message}.\n"
+    if not any(_row_alpha(row) == record.chosen_alpha for row in record.select):
+        message = (
+            f"the recipe's `expo_sweep` record has no select-prompt row for the alpha it says the sweep "
+            f"chose ({record.chosen_alpha:g}); how alpha was chosen is not stated"
+        )
+        LOG.warning("Model card: %s", message)
+        return f"\n> **Warning:** {message}.\n"
+    gone = "" if os.path.exists(record.results) else ", not present where this merge ran"
     lines = [
         "### How alpha was chosen\n",
         f"`mergekit-expo sweep` chose alpha = {record.chosen_alpha:g} among {swept} "
-        f"with the rule {record.rule_description}; scorers: {', '.join(f'`{s}`' for s in record.scorers)}. "
-        f"Sweep results: `{record.results}` (sha256 {record.results_sha256[:16]}).",
+        f"with the rule {markdown_text(record.rule_description)}; scorers: "
+        f"{', '.join(f'`{markdown_text(s)}`' for s in record.scorers)}. "
+        f"Sweep results: `{markdown_text(record.results)}`{gone} "
+        f"(sha256 {markdown_text(record.results_sha256[:16])}).",
     ]
     alpha = parameters.get("alpha")
     try:
@@ -233,6 +248,20 @@ def sweep_section(config_yaml: str, parameters: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _row_alpha(row: SweepRow) -> Optional[float]:
+    """The alpha of a row labelled `alpha=0.3` (the sweep's label), None for another label."""
+    try:
+        return float(row.candidate.removeprefix("alpha="))
+    except ValueError:
+        return None
+
+
+def markdown_text(text: str) -> str:
+    """`text` as one line of inert markdown, safe in a table cell: no line breaks (no injected
+    headings or rows), `|` escaped, no HTML."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _sweep_table(title: str, rows: List[SweepRow], scorers: List[str], select: bool) -> List[str]:
     judged = any(row.judge for row in rows)
     header = ["candidate", *scorers] + (["KL (nats)", "rule value", "collapsed"] if select else [])
@@ -243,7 +272,7 @@ def _sweep_table(title: str, rows: List[SweepRow], scorers: List[str], select: b
     ))
     header += [f"{task} {metric} (lm-eval)" for task, metric in capabilities]
     lines = [f"{title}, mean ± standard error over {rows[0].n if rows else 0} prompts:", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             "| " + " | ".join(map(markdown_text, header)) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.candidate, *(_mean_stderr((row.model_extra or {}).get(name)) for name in scorers)]
         if select:
@@ -251,7 +280,7 @@ def _sweep_table(title: str, rows: List[SweepRow], scorers: List[str], select: b
         if judged:
             cells.append(f"{row.judge.win_rate:.1f}% ({row.judge.lc_win_rate:.1f}%)" if row.judge else "")
         cells += [_number((row.lm_eval or {}).get(task, {}).get(metric), ".4g") for task, metric in capabilities]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(map(markdown_text, cells)) + " |")
     return lines
 
 

@@ -47,6 +47,7 @@ def inspect_pair_command(sft, aligned, alphas, dtypes, json_path, plot_path) -> 
 
     SFT and ALIGNED are local model folders or Hub IDs; tensors are streamed.
     """
+    import os
     import sys
 
     from mergekit_expo.diagnostics import InspectError, inspect_pair
@@ -60,6 +61,16 @@ def inspect_pair_command(sft, aligned, alphas, dtypes, json_path, plot_path) -> 
             check_alpha(alpha)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--alpha") from None
+    if plot_path:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        suffix = os.path.splitext(plot_path)[1].lstrip(".").lower()
+        if suffix and suffix not in formats:  # no suffix: savefig writes PNG
+            raise click.BadParameter(
+                f"{plot_path}: matplotlib cannot write .{suffix} files; use one of: {', '.join(sorted(formats))}",
+                param_hint="--plot",
+            )
     try:
         report = inspect_pair(sft, aligned, alphas, dtypes, progress=sys.stderr.isatty())
         print_report(report)

@@ -184,6 +184,23 @@ def route_run_merge(merge_module, handler: Callable) -> None:
     merge_module.run_merge = run_merge
 
 
+def route_multimerge(multimerge_module, check: Callable) -> None:
+    """Have mergekit-multi call check(merge_configs, intermediate_dir, out_path) before it
+    builds its tasks: its `--lazy` skip of a stage whose folder holds a model happens
+    before any `run_merge`, so a refusal there is the only one that sees it. Idempotent."""
+    original = multimerge_module.make_tasks
+    if getattr(original, "__expo_routed__", False):
+        return
+
+    def make_tasks(merge_configs, dependencies, merge_options, intermediate_dir, out_path, lazy):
+        check(merge_configs, intermediate_dir, out_path)
+        return original(merge_configs, dependencies, merge_options, intermediate_dir, out_path, lazy)
+
+    make_tasks.__expo_routed__ = True
+    make_tasks.__wrapped__ = original
+    multimerge_module.make_tasks = make_tasks
+
+
 def donor_folder(merge_config, options) -> str:
     """The local folder mergekit copies the tokenizer and tag-along files from."""
     return _get_donor_model(merge_config, options=options)[1]
@@ -297,3 +314,14 @@ chat_templates = _found["chat_templates"]
 del _found
 
 _route_planner()
+
+
+def forget_loaders(models) -> None:
+    """Drop mergekit's loaders for these models from its process-wide LoaderCache (keyed by
+    model reference, kept for the life of the process): a loader keeps the shard index and
+    the file it opened, so a folder merged again since its first use would still be read
+    as it was, not as it now is."""
+    paths = {model.model.path for model in models}
+    loaders = LoaderCache().loaders
+    for model in [m for m in loaders if m.model.path in paths]:
+        loaders.pop(model).flush()

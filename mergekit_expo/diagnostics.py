@@ -15,7 +15,7 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mergekit.io import LazyTensorLoader, ShardedTensorIndex
@@ -24,7 +24,9 @@ from tqdm import tqdm
 from mergekit_expo import advice
 from mergekit_expo.checks import check_folder, is_hub_id
 from mergekit_expo.errors import ExpoError
-from mergekit_expo.method import NonFiniteError, check_finite_input
+from mergekit_expo.extrapolation import compute_dtype, extrapolate
+from mergekit_expo.method import NonFiniteError, check_finite_input, check_fits
+from mergekit_expo.run import tied_embeddings_mismatch
 from mergekit_expo.stats import (
     Change,
     Summary,
@@ -52,6 +54,7 @@ class Report:
     dtypes: Tuple[str, ...]
     summary: Summary
     skipped: Tuple[str, ...]  # tensors that are not floating point
+    config_warnings: Tuple[str, ...] = ()  # an unreadable config.json, a tie_word_embeddings mismatch
 
     @property
     def alerts(self) -> List[advice.Alert]:
@@ -75,12 +78,14 @@ class Report:
             "tensors": [tensor_json(t) for t in summary.tensors],
             "skipped": list(self.skipped),
             "suggested_alpha_range": list(self.suggested_alphas),
-            "warnings": [{"code": a.code, "message": a.message} for a in self.alerts],
+            "warnings": [{"code": "config", "message": m} for m in self.config_warnings]
+            + [{"code": a.code, "message": a.message} for a in self.alerts],
         }
 
     def write_json(self, path: str) -> None:
+        text = json.dumps(self.to_json(), indent=1, allow_nan=False)  # NaN is no JSON: fail loudly
         with open(path, "w") as handle:
-            json.dump(self.to_json(), handle, indent=1)
+            handle.write(text)
 
 
 def change_json(change: Change) -> Dict:
@@ -153,15 +158,25 @@ def inspect_pair(
     mmapped inputs overlap with computation.
     """
     index0, index1 = resolve(sft), resolve(aligned)
-    _check_architectures(sft, index0, aligned, index1)
+    (config0, problem0), (config1, problem1) = (
+        _read_config(model, index.base_path) for model, index in ((sft, index0), (aligned, index1))
+    )
+    config_warnings = [problem for problem in (problem0, problem1) if problem]
+    if config0 is not None and config1 is not None:
+        _check_architectures(sft, config0, aligned, config1)
+        tied = tied_embeddings_mismatch(
+            sft, config0.get("tie_word_embeddings"), aligned, config1.get("tie_word_embeddings")
+        )
+        config_warnings += [tied] if tied else []
     names = _paired_names(sft, index0, aligned, index1)
     loader0, loader1 = LazyTensorLoader(index0), LazyTensorLoader(index1)
     workers = torch.get_num_threads()
 
     def job(name: str, theta0: torch.Tensor, theta1: torch.Tensor) -> TensorRecord:
         change = measure(theta0, theta1, alphas, dtypes)
-        if not (math.isfinite(change.delta_sq) and math.isfinite(change.theta0_sq)):
+        if not _finite(change):
             _check_finite(name, sft, theta0, aligned, theta1)
+            _check_fits(name, theta0, theta1, change)
         for tensor in (theta0, theta1):
             release(tensor)
         return TensorRecord(name, tuple(theta0.shape), None, change)
@@ -193,7 +208,30 @@ def inspect_pair(
         bar.close()
     if not records:
         raise InspectError(f"{aligned}: no floating-point tensors to compare")
-    return Report(sft, aligned, tuple(alphas), tuple(dtypes), summarize(records), tuple(skipped))
+    return Report(
+        sft, aligned, tuple(alphas), tuple(dtypes), summarize(records), tuple(skipped), tuple(config_warnings)
+    )
+
+
+def _finite(change) -> bool:
+    sums = (change.delta_sq, change.theta0_sq, change.theta0_delta)
+    sums += tuple(s for loss in change.losses.values() for s in (loss.kept_sq, loss.kept_dot, loss.requested_sq))
+    return all(math.isfinite(s) for s in sums)
+
+
+def _check_fits(name: str, theta0: torch.Tensor, theta1: torch.Tensor, change) -> None:
+    """Refuse, as the merge does, a theta2 an output dtype cannot hold; then any figure that
+    still overflows (finite inputs: checked before)."""
+    dtype = compute_dtype(theta0, theta1)
+    delta = theta1.to(dtype) - theta0.to(dtype)
+    try:
+        for (alpha, dtype_name), loss in change.losses.items():
+            if not all(math.isfinite(s) for s in (loss.kept_sq, loss.kept_dot, loss.requested_sq)):
+                check_fits(name, extrapolate(theta1.to(dtype), delta, alpha), getattr(torch, dtype_name), alpha)
+    except NonFiniteError as error:
+        raise InspectError(str(error)) from None
+    largest = float(max(theta0.abs().max(), theta1.abs().max()))
+    raise InspectError(f"{name}: its norms overflow {str(dtype).removeprefix('torch.')} (largest |weight| {largest:.4g})")
 
 
 def _check_finite(name: str, sft: str, theta0: torch.Tensor, aligned: str, theta1: torch.Tensor) -> None:
@@ -238,22 +276,31 @@ def _file_mapped(address: int) -> bool:
     return False
 
 
-def _check_architectures(sft, index0, aligned, index1) -> None:
-    architectures = [_architecture(index.base_path) for index in (index0, index1)]
-    if None not in architectures and architectures[0] != architectures[1]:
+def _check_architectures(sft, config0: Dict, aligned, config1: Dict) -> None:
+    architectures = [
+        (config.get("model_type"), tuple(config.get("architectures") or ())) for config in (config0, config1)
+    ]
+    if architectures[0] != architectures[1]:
         raise InspectError(
             f"different architectures: {sft} is {architectures[0]}, "
             f"{aligned} is {architectures[1]}"
         )
 
 
-def _architecture(folder: str):
+def _read_config(model: str, folder: str) -> Tuple[Optional[Dict], Optional[str]]:
+    """(config.json's contents, None), or (None, a warning naming why it cannot be read)."""
+    path = os.path.join(folder, "config.json")
+    unchecked = "the architecture and tie_word_embeddings are not checked"
     try:
-        with open(os.path.join(folder, "config.json")) as handle:
+        with open(path) as handle:
             config = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return config.get("model_type"), tuple(config.get("architectures") or ())
+    except FileNotFoundError:
+        return None, f"{model}: no config.json; {unchecked}"
+    except (OSError, ValueError) as error:
+        return None, f"{path}: cannot be read ({error}); {unchecked}"
+    if not isinstance(config, dict):
+        return None, f"{path}: not a JSON object; {unchecked}"
+    return config, None
 
 
 def _paired_names(sft, index0, aligned, index1) -> List[str]:

@@ -197,21 +197,39 @@ def _check_finite(
     name = group.metadata.name or "tensor"
     if theta2.numel() == 0:
         return
-    low, high = (float(v) for v in torch.aminmax(theta2))
-    limit = _overflow_bound(dtype)
-    ok = -limit < low and high < limit  # False for NaN too
+    ok, largest = _fits(theta2, dtype)
     if ok and not check_inputs:
         return
     for entry in (group.base, *group.non_base):
         role = "theta0, the SFT model" if entry.is_base else "theta1, an aligned model"
         check_finite_input(name, entry.tensor, entry.id, role)
     if not ok:
-        largest = max(abs(low), abs(high))
-        raise NonFiniteError(
-            f"{name}: theta2 overflows {str(dtype).removeprefix('torch.')} at alpha {alpha:g} "
-            f"(largest |value| {largest:.4g}; {str(dtype).removeprefix('torch.')} holds up to "
-            f"{torch.finfo(dtype).max:.4g}): use a smaller alpha or a wider out_dtype"
-        )
+        _raise_overflow(name, largest, dtype, alpha)
+
+
+def check_fits(name: str, theta2: torch.Tensor, dtype: torch.dtype, alpha: float) -> None:
+    """Raise NonFiniteError unless `dtype` holds theta2 (finite inputs assumed): the
+    merge's overflow rule, for `inspect`."""
+    ok, largest = _fits(theta2, dtype) if theta2.numel() else (True, 0.0)
+    if not ok:
+        _raise_overflow(name, largest, dtype, alpha)
+
+
+def _fits(theta2: torch.Tensor, dtype: torch.dtype) -> Tuple[bool, float]:
+    """(whether round-to-nearest into `dtype` keeps theta2 finite, its largest |value|);
+    False for a NaN too. theta2 is not empty."""
+    low, high = (float(v) for v in torch.aminmax(theta2))
+    limit = _overflow_bound(dtype)
+    return -limit < low and high < limit, max(abs(low), abs(high))
+
+
+def _raise_overflow(name: str, largest: float, dtype: torch.dtype, alpha: float) -> None:
+    dtype_text = str(dtype).removeprefix("torch.")
+    raise NonFiniteError(
+        f"{name}: theta2 overflows {dtype_text} at alpha {alpha:g} "
+        f"(largest |value| {largest:.4g}; {dtype_text} holds up to "
+        f"{torch.finfo(dtype).max:.4g}): use a smaller alpha or a wider out_dtype"
+    )
 
 
 def check_finite_input(name: str, tensor: torch.Tensor, model, role: str) -> None:

@@ -60,6 +60,12 @@ def on_mergekit_import(module_name: str) -> None:
     if module_name == "mergekit.merge_methods":
         register()
         return
+    if module_name == "mergekit.scripts.multimerge":
+        from mergekit_expo import compat
+        from mergekit_expo.run import check_stage_out_path
+
+        compat.route_multimerge(sys.modules[module_name], check_stage_out_path)
+        return
     try:
         route_merges(sys.modules[module_name])
     except ImportError as error:

@@ -3,6 +3,7 @@
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mergekit_expo import advice
@@ -87,6 +88,9 @@ def print_report(report: Report, console: Optional[Console] = None) -> None:
         "the size of the change and the paper's Tables 2 and 7)"
     )
     if report.skipped:
-        console.print(f"Skipped {len(report.skipped)} tensors that are not floating point")
+        names = ", ".join(report.skipped[:5]) + (", ..." if len(report.skipped) > 5 else "")
+        console.print(f"Skipped {len(report.skipped)} tensors that are not floating point: {names}", markup=False)
+    for message in report.config_warnings:
+        console.print(f"[yellow]Warning (config):[/] {escape(message)}")
     for alert in report.alerts:
         console.print(f"[yellow]Warning ({alert.code}):[/] {alert.message}")

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 
 from mergekit_expo import compat, rules, stats
 from mergekit_expo.card import expo_card
+from mergekit_expo.errors import ExpoError
 from mergekit_expo.checks import check_architectures, check_lora_cache, check_model_files, check_remote_code
 from mergekit_expo.lock import OutputLock, OutputLockedError
 from mergekit_expo.method import expo_merge
@@ -44,8 +45,9 @@ GENERATED = {"config.json", "README.md", "mergekit_config.yml", "model.safetenso
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-class MergeError(click.ClickException, ValueError):
-    """A user error: mergekit's command line prints the message and exits 1."""
+class MergeError(click.ClickException, ExpoError, ValueError):
+    """A user error: mergekit's command line prints the message and exits 1 (an ExpoError
+    to the Python API, as every user error is)."""
 
 
 def run_expo_merge(run, merge_config, out_path, options, config_source=None) -> None:
@@ -193,6 +195,22 @@ def _numbers(setting) -> Iterator:
         yield setting
 
 
+def check_stage_out_path(merge_configs: Dict, intermediate_dir: str, out_path: Optional[str]) -> None:
+    """Refuse a mergekit-multi `--out-path` that is an `expo` recipe's stage folder: under
+    `--lazy` the final merge is skipped (the folder "holds a model") and the stage is passed
+    off as the final output; without it the final merge would overwrite the stage."""
+    if not out_path or not any(c.merge_method == compat.METHOD for c in merge_configs.values()):
+        return
+    out = output_target(out_path)
+    for name in merge_configs:
+        if name is not None and output_target(os.path.join(intermediate_dir, name)) == out:
+            raise MergeError(
+                f"--out-path {out_path} is the folder of the stage `{name}` (in --intermediate-dir "
+                f"{intermediate_dir}): the final merge would be skipped or overwrite that stage; "
+                "choose another output folder"
+            )
+
+
 def check_tied_embeddings(merge_config, options) -> None:
     """Stop when theta0 and an aligned model disagree on tie_word_embeddings.
 
@@ -209,14 +227,23 @@ def check_tied_embeddings(merge_config, options) -> None:
         if model == base:
             continue
         other = getattr(model.config(trust_remote_code=trust), "tie_word_embeddings", None)
-        if tied is not None and other is not None and bool(tied) != bool(other):
-            raise ValueError(
-                f"tie_word_embeddings differs: the SFT model {base} has "
-                f"tie_word_embeddings={bool(tied)}, the aligned model {model} has "
-                f"tie_word_embeddings={bool(other)}; expo needs both configured the same "
-                "(save the tied model untied, with lm_head = embed_tokens, and set "
-                "tie_word_embeddings: false)"
-            )
+        problem = tied_embeddings_mismatch(base, tied, model, other)
+        if problem:
+            raise ValueError(problem)
+
+
+def tied_embeddings_mismatch(base, tied, model, other) -> Optional[str]:
+    """The message for an SFT model and an aligned model that disagree on tie_word_embeddings
+    (None, or a setting that is None, agrees); the merge refuses it, `inspect` warns."""
+    if tied is None or other is None or bool(tied) == bool(other):
+        return None
+    return (
+        f"tie_word_embeddings differs: the SFT model {base} has "
+        f"tie_word_embeddings={bool(tied)}, the aligned model {model} has "
+        f"tie_word_embeddings={bool(other)}; expo needs both configured the same "
+        "(save the tied model untied, with lm_head = embed_tokens, and set "
+        "tie_word_embeddings: false)"
+    )
 
 
 def output_target(out_path: str) -> Path:

@@ -7,7 +7,7 @@ uses `sys`, so processes that never import mergekit pay for one tiny import.
 
 import sys
 
-_TARGETS = frozenset({"mergekit.merge_methods", "mergekit.merge"})
+_TARGETS = frozenset({"mergekit.merge_methods", "mergekit.merge", "mergekit.scripts.multimerge"})
 
 
 class _Loader:

@@ -2,6 +2,9 @@
 lm-eval task and a failed write are one line and a non-zero exit; a bug says it is one, with its
 traceback once and where to report it; Ctrl-C says what survives."""
 
+import os
+import stat
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -158,3 +161,112 @@ def test_the_issue_url_is_the_projects():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
     urls = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["urls"]
     assert urls["Issues"] == ISSUES_URL
+
+
+# -- inputs that are refused up front, one line naming them (adversarial pass B) -------------
+
+
+BAD_SCORER_MODULES = {  # module source -> what the message names
+    None: "cannot import module nosuch_scorer_module (ModuleNotFoundError",
+    "raise ValueError('no config')\ndef f(prompt, response):\n    return 1.0\n": "(ValueError: no config)",
+    "def f(prompt, response)\n    return 1.0\n": "(SyntaxError",
+    "f = 3\n": "f = 3 is not a function",
+    "def f(text):\n    return 1.0\n": "f(text) cannot be called as f(prompt, response)",
+}
+
+
+@pytest.mark.parametrize("source", list(BAD_SCORER_MODULES), ids=["missing", "raises", "syntax", "not_callable", "arity"])
+def test_a_scorer_function_that_cannot_score_is_refused_before_generating(recipe, tmp_path, monkeypatch, source):
+    module = "nosuch_scorer_module" if source is None else f"bad_scorer_{abs(hash(source))}"
+    if source is not None:
+        (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{REPO / 'tests'}")
+    out = tmp_path / "out"
+    result = sweep(recipe, out, f"{module}:f")
+    assert result.returncode == 1
+    refused(result, f"scorer {module}:f", BAD_SCORER_MODULES[source])
+    assert not list(out.glob("cache/*.jsonl"))
+
+
+BAD_CHAT_TEMPLATES = {
+    "syntax": b"{% for %}",
+    "raises": b'{{ raise_exception("no system role") }}',
+    "undefined": b"{{ foo.bar.baz }}",
+    "not_utf8": b"\xff{{ messages }}",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHAT_TEMPLATES))
+def test_a_chat_template_that_cannot_render_a_prompt_is_one_line(recipe, tmp_path, monkeypatch, kind):
+    template = tmp_path / "t.jinja"
+    template.write_bytes(BAD_CHAT_TEMPLATES[kind])
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    result = sweep(recipe, tmp_path / "out", "rewards:word_count", "--chat-template", template)
+    assert result.returncode == 1
+    message = refused(result, str(template))
+    assert ("not UTF-8" if kind == "not_utf8" else "cannot render a prompt") in message
+
+
+def test_a_recipe_that_is_not_text_is_one_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_bytes(b"\xff\xfe")
+    result = sweep(recipe, tmp_path / "out", "rewards:word_count")
+    assert result.returncode == 1
+    refused(result, f"{recipe}: not UTF-8 text")
+
+
+def test_an_output_folder_under_a_file_says_it_is_a_file(recipe, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    result = sweep(recipe, tmp_path / "afile" / "sub", "rewards:word_count")
+    assert result.returncode == 1
+    refused(result, f"{tmp_path / 'afile'}, where the output folder", "is a file, not a folder")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_report_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    from expo_eval.files import write_text
+
+    previous = os.umask(umask)
+    try:
+        write_text(tmp_path / "results.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_python_api_errors_are_expo_errors(recipe, tmp_path):
+    """What Sweep(...) refuses is an ExpoError naming it (pydantic's ValidationError from
+    SweepConfig(...) itself is the config's own contract)."""
+    from expo_eval.config import SweepConfig
+    from expo_eval.scoring import ScorerError
+    from expo_eval.sweep import Sweep
+    from mergekit_expo.run import MergeError
+
+    assert issubclass(MergeError, ExpoError)
+
+    def config(**extra):
+        return SweepConfig(**{**dict(recipe=recipe, out=tmp_path / "out", alphas=[0.5], prompts="smoke", limit=4,
+                                     reward_models=["rewards:word_count"]), **extra})
+
+    class Nameless:
+        def score(self, prompts, responses):
+            return [1.0] * len(responses)
+
+    class Fingerprint(Nameless):
+        name = "rewards:word_count"
+
+        @property
+        def fingerprint(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(ScorerError, match="needs a `name`"):
+        Sweep(config(), scorers=[Nameless()])
+    with pytest.raises(ScorerError, match="rewards:word_count: reading its `fingerprint` raised RuntimeError: boom"):
+        Sweep(config(), scorers=[Fingerprint()])
+    with pytest.raises(ScorerError, match="cannot import module nosuch_scorer_module"):
+        Sweep(config(reward_models=["nosuch_scorer_module:f"]))
+    with pytest.raises(ExpoError, match="nope.yaml: cannot be read"):
+        Sweep(config(recipe=tmp_path / "nope.yaml"))
+    with pytest.raises(ExpoError, match="cannot be read"):
+        Sweep(config(recipe=tmp_path))

@@ -175,3 +175,49 @@ def test_cli_names_a_tensor_that_is_not_finite(family, tmp_path, side, value):
     sft, aligned = (broken, family["dpo"]) if side == "sft" else (family["sft"], broken)
     role = "theta0, the SFT model" if side == "sft" else "theta1, the aligned model"
     assert_cli_fails(sft, aligned, f"model.layers.1.mlp.up_proj.weight: 1 NaN or Inf value(s) in {broken} ({role})")
+
+
+def test_cli_refuses_an_unsupported_plot_format_up_front(family, tmp_path):
+    result = run_cli("mergekit-expo", "inspect", family["sft"], tmp_path / "nowhere", "--plot", tmp_path / "x.xyz", check=False)
+    assert result.returncode == 2 and "--plot" in result.stderr and ".xyz" in result.stderr
+    assert "no such model folder" not in result.stderr  # refused before reading the pair
+
+
+def test_cli_refuses_an_overflowing_theta2_and_writes_no_nan(family, tmp_path):
+    big = shutil.copytree(family["dpo"], tmp_path / "big")
+    weights = big / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.1.mlp.up_proj.weight"][0, 3] = 3e38  # finite in bfloat16
+    save_file(state, weights, metadata={"format": "pt"})
+    assert_cli_fails(family["sft"], big, "model.layers.1.mlp.up_proj.weight: theta2 overflows bfloat16 at alpha 0.3")
+    result = run_cli("mergekit-expo", "inspect", family["sft"], family["dpo"], "--alpha", "1e38", "--json", tmp_path / "a.json", check=False)
+    assert result.returncode == 1 and "theta2 overflows" in result.stderr and not (tmp_path / "a.json").exists()
+
+
+def test_json_refuses_nan_rather_than_writing_invalid_json(family, tmp_path):
+    import dataclasses
+
+    report = dataclasses.replace(inspect_pair(str(family["sft"]), str(family["dpo"])), alphas=(float("nan"),))
+    with pytest.raises(ValueError):
+        report.write_json(str(tmp_path / "nan.json"))
+    assert not (tmp_path / "nan.json").exists()
+
+
+def test_inspect_warns_about_configs_and_names_skipped_tensors(family, tmp_path):
+    aligned = shutil.copytree(family["dpo"], tmp_path / "aligned")
+    config = json.loads((aligned / "config.json").read_text())
+    (aligned / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": not config.get("tie_word_embeddings", True)}))
+    weights = aligned / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(torch.int8)
+    save_file(state, weights, metadata={"format": "pt"})
+    sft = shutil.copytree(family["sft"], tmp_path / "sft")
+    result = run_cli("mergekit-expo", "inspect", sft, aligned)
+    out = " ".join(result.stdout.split())
+    assert "tie_word_embeddings differs" in out and "not floating point: model.layers.0.mlp.up_proj.weight" in out
+    (sft / "config.json").write_text("{")
+    out = " ".join(run_cli("mergekit-expo", "inspect", sft, aligned).stdout.split())
+    assert "config.json: cannot be read" in out
+    (sft / "config.json").unlink()
+    out = " ".join(run_cli("mergekit-expo", "inspect", sft, aligned).stdout.split())
+    assert "no config.json" in out

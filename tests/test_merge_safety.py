@@ -432,3 +432,20 @@ def test_a_sweep_record_whose_chosen_alpha_was_never_swept_gives_no_sweep_sectio
     assert ("### How alpha was chosen" in card) == swept and ("| alpha=0.5 |" in card) == swept
     warned = [r.message for r in caplog.records if "chose alpha = 0.7, which is not among the alphas it swept (0, 0.5)" in r.message]
     assert bool(warned) == (not swept)
+
+
+@pytest.mark.parametrize("lazy", ["--lazy", "--no-lazy"])
+def test_mergekit_multi_refuses_an_out_path_that_is_a_stage_folder(family, tmp_path, lazy):
+    """Under --lazy mergekit-multi would skip the final merge (the stage folder holds a model)."""
+    import yaml
+
+    stages = [
+        {**expo_recipe(family, alpha=0.3, dtype="float32"), "name": "stage1"},
+        {**expo_recipe(family, alpha=0.5, dtype="float32"), "models": [{"model": "stage1"}]},
+    ]
+    recipe = tmp_path / "multi.yaml"
+    recipe.write_text(yaml.safe_dump_all(stages, sort_keys=False))
+    stage = tmp_path / "inter" / "stage1"
+    result = run_cli("mergekit-multi", recipe, "-I", tmp_path / "inter", "--out-path", stage, lazy, check=False)
+    assert result.returncode == 1 and "is the folder of the stage `stage1`" in result.stderr, result.stderr[-2000:]
+    assert not stage.exists() and "Traceback" not in result.stderr

@@ -239,3 +239,40 @@ def test_a_damaged_sweep_record_does_not_stop_the_merge(swept):
     record["select"][0].pop("judge")
     text = yaml.safe_dump(best)
     assert "not the" not in sweep_section(text, {"alpha": str(float(record["chosen_alpha"]))})  # "2.0" is 2
+
+
+def card_record(**changes):
+    """A best.yaml text with a valid `expo_sweep` record, changed as given."""
+    record = {
+        "results": "/nowhere/results.json", "results_sha256": "ab" * 32, "rule": "kl-bound",
+        "rule_description": "kl-bound", "scorers": ["rm"], "alphas": [0.0, 0.5], "chosen_alpha": 0.5,
+        "select": [{"candidate": "alpha=0", "n": 2, "rm": [1.0, 0.5]}, {"candidate": "alpha=0.5", "n": 2, "rm": [2.0, 0.5]}],
+    }
+    return yaml.safe_dump({"merge_method": "expo", "expo_sweep": {**record, **changes}})
+
+
+def test_card_refuses_a_non_finite_alpha_in_the_sweep_record():
+    from mergekit_expo.card import sweep_section
+
+    text = sweep_section(card_record(chosen_alpha=math.nan, alphas=[0.0, math.nan]), {"alpha": 0.5})
+    assert "could not be read" in text and "nan" not in text
+
+
+def test_card_warns_when_the_select_rows_lack_the_chosen_alpha():
+    from mergekit_expo.card import sweep_section
+
+    text = sweep_section(card_record(select=[{"candidate": "alpha=0", "n": 2, "rm": [1.0, 0.5]}]), {"alpha": 0.5})
+    assert "no select-prompt row" in text and "### How alpha was chosen" not in text
+    assert "### How alpha was chosen" in sweep_section(card_record(), {"alpha": 0.5})
+
+
+def test_card_escapes_markdown_in_names_and_says_the_results_file_is_gone():
+    from mergekit_expo.card import sweep_section
+
+    name = "a|b\n# injected"
+    rows = [{"candidate": "alpha=0.5", "n": 2, name: [2.0, 0.5]}]
+    text = sweep_section(
+        card_record(scorers=[name], select=rows, rule_description="x\n\n## Fake\n<script>"), {"alpha": 0.5}
+    )
+    assert "\n# injected" not in text and "\n## Fake" not in text and "<script>" not in text
+    assert "| a\\|b # injected |" in text and "not present where this merge ran" in text

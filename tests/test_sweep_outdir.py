@@ -47,8 +47,8 @@ def test_out_dot_is_refused_and_the_users_files_stay(family, tmp_path, monkeypat
                      cwd=project, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1] == (
-        "Error: the output folder . is the current folder: a sweep replaces its report, generations/ and "
-        "alpaca_eval/ there; give it a folder of its own (e.g. --out sweep)"
+        f"Error: the output folder {project.absolute()} is the current folder: a sweep replaces its report, "
+        "generations/ and alpaca_eval/ there; give it a folder of its own (e.g. --out sweep)"
     )
     assert snapshot(project) == before and not (project / ".sweep.lock").exists()
 

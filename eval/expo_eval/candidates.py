@@ -25,6 +25,7 @@ from mergekit_expo.compat import (
     ModelReference,
     SaveTensor,
     dtype_from_name,
+    forget_loaders,
     get_architecture_info,
     with_output_dtype,
 )
@@ -101,6 +102,7 @@ class Candidates:
         self.options = options  # what loads the models' configs and code (trust_remote_code)
         self.dtype = dtype_from_name(recipe.out_dtype) or torch.float32
         LoaderCache().setup(options=options)
+        forget_loaders(recipe.referenced_models())  # read the files as they are now
         arch_info = get_architecture_info(recipe, options)
         out_config = recipe.base_model.config(trust_remote_code=options.trust_remote_code)
         planner = MergePlanner(recipe.model_copy(deep=True), arch_info, options, out_config)

@@ -5,7 +5,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Callable, List
+from typing import Callable, List, Type
+
+from mergekit_expo.errors import ExpoError, describe_os_error
 
 REPORT_STAGING = ".report-new"  # the next report, written aside in the folder it will replace
 REPORT_MANIFEST = ".report-files.json"  # the report's files: the only ones a later report removes
@@ -15,13 +17,41 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     """Call write(temporary_path) in the same folder, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 otherwise: the mode a plain open gives
+    finally:
+        os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, from /proc where there is one: setting it to read it (the
+    fallback, restrictive meanwhile) affects files other threads create at that moment."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def read_text(path: Path, error: Type[ExpoError]) -> str:
+    """A file the user named, as UTF-8 text, or `error` naming it (unreadable, or not text)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as reason:
+        raise error(f"{path}: not UTF-8 text ({reason.reason} at byte {reason.start})") from None
+    except OSError as reason:
+        raise error(f"{path}: cannot be read ({describe_os_error(reason)})") from None
 
 
 def write_text(path: Path, text: str) -> None:

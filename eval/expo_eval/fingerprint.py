@@ -139,10 +139,10 @@ def model_fingerprint(spec: str) -> str:
 def function_fingerprint(spec: str) -> str:
     """A `module:function` scorer by its whole module's source (its helpers and constants
     too; modules it imports are not followed)."""
-    import importlib
+    from expo_eval.scoring import import_scorer_module
 
     module_name, _, _ = spec.partition(":")
-    module = importlib.import_module(module_name)
+    module = import_scorer_module(spec)
     try:
         source = inspect.getsource(module)
     except (OSError, TypeError):  # a compiled or built-in module

@@ -67,6 +67,8 @@ def check_output_folder(out: Path, inputs: Dict[str, Path]) -> None:
                 "empty folder, or one an earlier sweep wrote"
             )
     existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputFolderError(f"{existing}, where the output folder {out} would be created, is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         what = f"the output folder {out}" if existing == out.absolute() else f"{existing}, where the output folder {out} would be created,"
         raise OutputFolderError(f"{what} is not writable")

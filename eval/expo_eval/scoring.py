@@ -2,6 +2,7 @@
 style models with their own code) and Python functions."""
 
 import importlib
+import inspect
 import math
 import os
 import re
@@ -25,6 +26,26 @@ class Scorer(Protocol):
     name: str
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> List[float]: ...
+
+
+def given_scorer_name(scorer) -> str:
+    """The name of a scorer object passed to Sweep, or ScorerError: it needs a `name` (str)
+    and a `score(prompts, responses)` method."""
+    name = getattr(scorer, "name", None)
+    if not isinstance(name, str) or not callable(getattr(scorer, "score", None)):
+        raise ScorerError(
+            f"scorer object {scorer!r} ({type(scorer).__name__}): a scorer object needs a `name` (str) and a "
+            "`score(prompts, responses)` method; name a `module:function` scorer in reward_models instead"
+        )
+    return name
+
+
+def given_scorer_fingerprint(scorer) -> Optional[str]:
+    """A scorer object's `fingerprint` (None: not cached), or ScorerError naming it if reading it raises."""
+    try:
+        return getattr(scorer, "fingerprint", None)
+    except Exception as error:  # a property: the caller's code may raise anything
+        raise ScorerError(f"scorer {scorer.name}: reading its `fingerprint` raised {type(error).__name__}: {error}") from None
 
 
 def check_scores(name: str, values, prompts: Sequence[Prompt]) -> List[float]:
@@ -205,16 +226,39 @@ def _missing_head_message(spec: str, missing: Sequence[str]) -> str:
     )
 
 
+def import_scorer_module(spec: str):
+    """The module of a `module:function` scorer, or ScorerError naming it and why it does not
+    import (not found, a syntax error, or anything its own code raises)."""
+    module = spec.partition(":")[0]
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # the module's own code may raise anything
+        first_line = (str(error).splitlines() or [""])[0]
+        raise ScorerError(f"scorer {spec}: cannot import module {module} ({type(error).__name__}: {first_line})") from None
+
+
 class FunctionScorer:
     """A rule-based reward `module:function(prompt: str, response: str) -> float`."""
 
     def __init__(self, spec: str):
-        module, _, attribute = spec.partition(":")
+        attribute = spec.partition(":")[2]
         self.name = spec
         try:
-            self.function: Callable[[str, str], float] = getattr(importlib.import_module(module), attribute)
-        except (ImportError, AttributeError) as error:
+            self.function: Callable[[str, str], float] = getattr(import_scorer_module(spec), attribute)
+        except AttributeError as error:
             raise ScorerError(f"scorer {spec}: {error}") from None
+        if not callable(self.function):
+            raise ScorerError(f"scorer {spec}: {attribute} = {self.function!r:.60} is not a function")
+        try:
+            signature = inspect.signature(self.function)
+        except (TypeError, ValueError):  # some built-ins have none: checked when called
+            return
+        try:
+            signature.bind("prompt", "response")
+        except TypeError as error:
+            raise ScorerError(
+                f"scorer {spec}: {attribute}{signature} cannot be called as {attribute}(prompt, response) ({error})"
+            ) from None
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list:
         """The function's values as it returns them (check_scores decides what is a number)."""

@@ -14,15 +14,19 @@ import hashlib
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from expo_eval.candidates import Candidates, load_recipe, merge_options
+from mergekit.config import MergeConfiguration
+
+from expo_eval.backends.base import BackendError
+from expo_eval.candidates import Candidates, RecipeError, load_recipe, merge_options
 from expo_eval.config import SweepConfig
-from expo_eval.files import finish_report_swap, write_text
+from expo_eval.files import finish_report_swap, read_text, write_text
 from expo_eval.fingerprint import (
     describe_changes,
     function_fingerprint,
@@ -35,7 +39,16 @@ from expo_eval.outdir import check_output_folder, writing
 from expo_eval.prompts import Prompt, PromptError, load_prompts, shared_prompts, split_prompts
 from expo_eval.records import CandidateResult, Generation, ScoreStats, Split
 from expo_eval.report import print_table, write_report
-from expo_eval.scoring import FUNCTION_SPEC, Scorer, ScorerError, check_scores, load_scorer, split_objective
+from expo_eval.scoring import (
+    FUNCTION_SPEC,
+    Scorer,
+    ScorerError,
+    check_scores,
+    given_scorer_fingerprint,
+    given_scorer_name,
+    load_scorer,
+    split_objective,
+)
 from expo_eval.search import (
     capability_flags,
     choose_alpha,
@@ -47,6 +60,7 @@ from expo_eval.search import (
     search_alphas,
 )
 from expo_eval.shards import generate_sharded
+from mergekit_expo.errors import ExpoError
 from mergekit_expo.run import MergeError, check_inputs, describe
 
 def digest(payload) -> str:
@@ -65,6 +79,14 @@ def label(alpha: Optional[float]) -> str:
 LOG = logging.getLogger("expo_eval")
 
 
+class SweepReusedError(ExpoError, RuntimeError):
+    """run() called a second time on one Sweep: its inputs were read when it was built."""
+
+
+class InputsChangedError(ExpoError, RuntimeError):
+    """An input's contents changed while the sweep ran: what it measured is of no one input."""
+
+
 @dataclass
 class SweepOutcome:
     results: List[CandidateResult]
@@ -79,9 +101,13 @@ class Sweep:
     """One sweep over one recipe; backend and scorers load only when work needs them."""
 
     def __init__(self, config: SweepConfig, backend=None, scorers: Optional[List[Scorer]] = None):
-        self.config = config
-        self.recipe_text = config.recipe.read_text()
-        self.recipe = load_recipe(self.recipe_text)
+        self._given = config  # its paths as given name the inputs (and so key the cache)
+        self.config = config = _absolute_paths(config)
+        self.recipe_text = read_text(config.recipe, RecipeError)  # as written: it keys the cache and goes in the report
+        self._given_recipe = load_recipe(self.recipe_text)
+        self.recipe = _absolute_models(self._given_recipe)
+        # what backends in other processes (vLLM's workers) plan: the models found here
+        self._backend_recipe_text = self.recipe_text if self.recipe == self._given_recipe else self.recipe.to_yaml()
         self.merge_options = merge_options(config.trust_remote_code)
         try:
             check_inputs(self.recipe, self.merge_options)  # the merge's own checks, before anything
@@ -90,7 +116,7 @@ class Sweep:
         self.splits = self._prompt_splits()
         self._backend = backend
         self._owns_backend = backend is None
-        self._given_scorers = {s.name: s for s in scorers or []}
+        self._given_scorers = {given_scorer_name(s): s for s in scorers or []}
         self._scorers = dict(self._given_scorers)
         self._loaded_alpha: object = object()
         self.load_seconds: Dict[tuple, float] = {}  # switching to the candidate
@@ -104,7 +130,9 @@ class Sweep:
         self._evaluated: Dict[tuple, CandidateResult] = {}
         self._reward_bytes: Optional[int] = None  # set while reward models share the device
         self._judge = None  # an LLM judge, set up when the sweep starts
-        self.chat_template = config.chat_template.read_text() if config.chat_template else None
+        self._ran = False
+        self._written: List[Path] = []  # the cache entries this run wrote
+        self.chat_template = read_text(config.chat_template, BackendError) if config.chat_template else None
         self.generation_template = self._generation_template()
         self.inputs = self._fingerprints()
         self._check_candidates()
@@ -128,23 +156,39 @@ class Sweep:
 
     def _fingerprints(self) -> Dict[str, str]:
         """Content fingerprints of everything a cached result depends on, by input name."""
-        recipe = self.recipe
-        inputs = {f"theta0 ({recipe.base_model.model.path})": model_fingerprint(recipe.base_model.model.path)}
-        for model in recipe.models or []:
-            path = model.model.model.path
+        recipe, given = self.recipe, self._given_recipe  # read where found, named as written
+        inputs = {f"theta0 ({given.base_model.model.path})": model_fingerprint(recipe.base_model.model.path)}
+        for model, named in zip(recipe.models or [], given.models or []):
             if model.model != recipe.base_model:
-                inputs[f"aligned model ({path})"] = model_fingerprint(path)
+                inputs[f"aligned model ({named.model.model.path})"] = model_fingerprint(model.model.model.path)
         if self.chat_template is not None:
-            inputs[f"chat template ({self.config.chat_template})"] = text_fingerprint(self.chat_template)
+            inputs[f"chat template ({self._given.chat_template})"] = text_fingerprint(self.chat_template)
         for name in self.config.reward_models:
             if name in self._given_scorers:  # an object passed in: its own fingerprint, or no cache
-                fingerprint = getattr(self._given_scorers[name], "fingerprint", None)
+                fingerprint = given_scorer_fingerprint(self._given_scorers[name])
             elif FUNCTION_SPEC.match(name):
                 fingerprint = function_fingerprint(name)
             else:
                 fingerprint = model_fingerprint(name)
             inputs[f"scorer {name}"] = fingerprint
         return inputs
+
+    def _keep(self, path: Path, text: str) -> None:
+        """Write a cache entry, remembered: it is removed if an input changes under the run."""
+        write_text(path, text)
+        self._written.append(path)
+
+    def _check_inputs_unchanged(self) -> None:
+        """Fingerprint the inputs again (cheap: digests are cached by stat) before a report: an
+        input merged again or edited while the sweep ran may have been read in either state,
+        so nothing this run measured is kept under the fingerprint taken at the start."""
+        changed = describe_changes(self.inputs, self._fingerprints())
+        if changed:
+            for path in self._written:
+                path.unlink(missing_ok=True)
+            raise InputsChangedError(
+                f"{', '.join(changed)} changed while the sweep ran: its results are not kept; rerun"
+            )
 
     def _note_changed_inputs(self) -> None:
         """One line per input that changed since the last finished sweep into this folder."""
@@ -192,9 +236,15 @@ class Sweep:
     def _generation_template(self):
         """The chat template the backends render prompts with: the one the merge writes
         (the recipe's `chat_template:` and tokenizer settings), or --chat-template's."""
-        from expo_eval.backends.hf import load_tokenizer
+        from expo_eval.backends.hf import check_chat_template, load_tokenizer
 
-        return load_tokenizer(self.recipe, self.chat_template, self.merge_options).chat_template
+        tokenizer = load_tokenizer(self.recipe, self.chat_template, self.merge_options)
+        first = next(iter([*self.splits["select"], *self.splits["report"]]), None)
+        if first is not None:
+            source = (f"the chat template file {self.config.chat_template}" if self.config.chat_template
+                      else f"the chat template the merge of {self.config.recipe} writes")
+            check_chat_template(tokenizer, first.messages, source)
+        return tokenizer.chat_template
 
     @property
     def backend(self):
@@ -203,7 +253,7 @@ class Sweep:
 
             started = time.perf_counter()
             self._backend = make_backend(
-                self.config, self.recipe_text, self.recipe, reward_bytes=self._reward_bytes
+                self.config, self._backend_recipe_text, self.recipe, reward_bytes=self._reward_bytes
             )
             self.startup_seconds.append(time.perf_counter() - started)
             LOG.info("%s backend ready in %.1f s", self.config.backend, self.startup_seconds[-1])
@@ -320,8 +370,8 @@ class Sweep:
         if split == "select" and alpha is not None:  # the candidate is loaded: its own log-probabilities now
             self._logprobs(alpha, split, rows, under_sft=False)
         timing = {"load_s": self.load_seconds.get((alpha, split), 0.0), "generate_s": self.generate_seconds[(alpha, split)]}
-        write_text(path.with_suffix(".timing.json"), json.dumps(timing))
-        write_text(path, "".join(row.model_dump_json() + "\n" for row in rows))
+        self._keep(path.with_suffix(".timing.json"), json.dumps(timing))
+        self._keep(path, "".join(row.model_dump_json() + "\n" for row in rows))
         self.outcome_counts["generated"] += 1
         self._rows[(alpha, split)] = rows
         return rows
@@ -342,7 +392,7 @@ class Sweep:
             values = self.backend.response_logprobs(
                 [prompts[r.prompt_id].messages for r in rows], [(r.response, r.finish_reason == "stop") for r in rows]
             )
-            write_text(path, json.dumps(values))
+            self._keep(path, json.dumps(values))
         for row, value in zip(rows, values):
             setattr(row, field, value)
 
@@ -380,7 +430,7 @@ class Sweep:
                 self.score_seconds[(alpha, split)] = self.score_seconds.get((alpha, split), 0.0) + time.perf_counter() - started
                 values = check_scores(name, values, ordered)  # before anything is cached
                 if cacheable:
-                    write_text(path, json.dumps(values))
+                    self._keep(path, json.dumps(values))
             for row, value in zip(rows, values):
                 row.scores[name] = value
 
@@ -440,6 +490,12 @@ class Sweep:
 
     def run(self) -> SweepOutcome:
         """The output folder is checked before anything (the lock file too) is written there."""
+        if self._ran:
+            raise SweepReusedError(
+                "this Sweep has run already; build a new Sweep(config) to run again (it reads the "
+                "recipe, models, prompts and scorers afresh)"
+            )
+        self._ran = True
         config = self.config
         check_output_folder(config.out, self._input_paths())
         with writing(config.out), SweepLock(config.out) as self._lock:
@@ -465,6 +521,7 @@ class Sweep:
             if config.alphas is not None:
                 results = self._grid()
                 if results is None:
+                    self._check_inputs_unchanged()
                     return self._outcome([], None, [])
             else:
                 results = self._search()
@@ -487,6 +544,7 @@ class Sweep:
             flags = selection.problems(results) + reward_hacking_flags(results, chosen, config.selector)
             flags += other_rule_flags(results, chosen, selection) + judge_flags(results, chosen)
             flags += capability_flags(results, chosen)
+            self._check_inputs_unchanged()
             write_report(config.out, results, chosen, self.recipe_text, selection, flags, self.generations, timing,
                          self.inputs)
             return flags
@@ -525,7 +583,7 @@ class Sweep:
                     )
                 stats = summarize(preferences, [g.response for g in baseline], [g.response for g in rows], self._judge.config.model)
                 if fresh:  # only a verdict that summarizes is kept
-                    write_text(path, json.dumps(preferences))
+                    self._keep(path, json.dumps(preferences))
                 r = r.model_copy(update={"judge": stats})
             judged.append(r)
         return judged
@@ -555,7 +613,7 @@ class Sweep:
                         backend = make_backend(self.config.model_copy(update={"backend": "transformers", "materialize": False}), self.recipe_text, self.recipe)
                     backend.load_candidate(alpha)
                     measured[alpha] = run_lm_eval(backend.model, backend.tokenizer, settings, backend.device)
-                    write_text(path, json.dumps(measured[alpha]))
+                    self._keep(path, json.dumps(measured[alpha]))
         finally:
             if backend is not None:
                 backend.close()
@@ -624,6 +682,33 @@ class Sweep:
             reused=self.outcome_counts["reused"],
             generations=self.generations,
         )
+
+
+def _absolute_paths(config: SweepConfig) -> SweepConfig:
+    """The config with its paths made absolute against the working directory now: a Sweep
+    built in one folder and run from another reads and writes what it was built with."""
+    update = {"recipe": config.recipe.absolute(), "out": config.out.absolute()}
+    if config.chat_template is not None:
+        update["chat_template"] = config.chat_template.absolute()
+    for field_name in ("prompts", "select_prompts", "report_prompts"):
+        spec = getattr(config, field_name)
+        if spec is not None and spec not in ("smoke", "ultrafeedback", "alpaca_eval") and Path(spec).is_file():
+            update[field_name] = str(Path(spec).absolute())
+    return config.model_copy(update=update)
+
+
+def _absolute_models(recipe: MergeConfiguration) -> MergeConfiguration:
+    """The recipe with each relative model folder made absolute (as mergekit reads it: against
+    the working directory), for the same reason; a Hub ID stays as it is."""
+
+    def absolute(model):
+        path = model.model.path
+        if os.path.isabs(path) or not os.path.isdir(path):
+            return model
+        return model.model_copy(update={"model": model.model.model_copy(update={"path": os.path.abspath(path)})})
+
+    models = [m.model_copy(update={"model": absolute(m.model)}) for m in recipe.models] if recipe.models else recipe.models
+    return recipe.model_copy(update={"base_model": absolute(recipe.base_model), "models": models})
 
 
 def _remove(path) -> None:

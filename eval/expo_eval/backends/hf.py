@@ -118,6 +118,16 @@ def load_tokenizer(recipe, chat_template: Optional[str] = None, options=None):
     return tokenizer
 
 
+def check_chat_template(tokenizer, messages: Messages, source: str) -> None:
+    """Render one prompt now, so a template that cannot render it (bad Jinja, its own
+    raise_exception, an undefined name) is refused naming `source`, before any generation."""
+    try:
+        render_ids(tokenizer, messages, add_generation_prompt=True)
+    except Exception as error:  # jinja2's errors, and anything the template's code raises
+        first_line = (str(error).splitlines() or [""])[0]
+        raise BackendError(f"{source}: cannot render a prompt ({type(error).__name__}: {first_line})") from None
+
+
 class TransformersBackend:
     """Loads the aligned model once; each candidate overwrites its weights in place."""
 
