@@ -14,6 +14,7 @@ that counts is the one on the file the path names, and only its holder deletes i
 it and deletes it in turn.)
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -47,7 +48,7 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            handle = open(self.path, "a+")
+            handle = self._open()
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -69,6 +70,19 @@ class OutputLock:
         handle.flush()
         self.handle = handle
         return self
+
+    def _open(self):
+        """The lock file, never followed through a symlink (its writes would land on the target)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise OutputLockedError(
+                    f"{self.path} is a symlink, not a lock file this program wrote: remove it "
+                    f"(its target is left alone) before another {self.writer} writes to {self.target}"
+                ) from None
+            raise
+        return os.fdopen(fd, "r+")
 
     def __exit__(self, *exc) -> None:
         if self.handle is None:

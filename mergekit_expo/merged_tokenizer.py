@@ -8,8 +8,9 @@ first input model). Either way the recipe's `chat_template:` then replaces the t
 sweep that chooses alpha for this merge renders its prompts with what this module returns.
 """
 
-from typing import Optional
+from typing import List, Optional
 
+from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 from transformers import AutoTokenizer
 
@@ -41,3 +42,14 @@ def merged_vocab_size(merge_config, tokenizer) -> Optional[int]:
     size = len(tokenizer.get_vocab())
     multiple = section.pad_to_multiple_of if section is not None else None
     return -(-size // multiple) * multiple if multiple else size
+
+
+def tokenizer_models(merge_config) -> List[str]:
+    """The models, besides the recipe's base and input models, whose files the merge's
+    tokenizer is built from: a `tokenizer_source` (or `tokenizer:` source) that names a
+    model, and the models that `tokenizer: tokens:` take embeddings from."""
+    section = merge_config.tokenizer
+    sources = [section.source if section is not None else merge_config.tokenizer_source]
+    for token in ((section.tokens or {}).values() if section is not None else ()):
+        sources.append(getattr(token.source, "model", token.source))  # a model_token's model
+    return list(dict.fromkeys(s.model.path for s in sources if isinstance(s, ModelReference)))

@@ -26,7 +26,10 @@ def check_alpha(alpha: float) -> float:
         raise ValueError(f"alpha must be a number (got {alpha!r}){hint}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha must be a number (got {alpha!r})")
-    if not math.isfinite(alpha) or alpha <= -1:
+    if not math.isfinite(alpha):
+        what = "NaN is not a number" if math.isnan(alpha) else "an infinite step gives no model"
+        raise ValueError(f"alpha must be a finite number greater than -1 (got {alpha}): {what}")
+    if alpha <= -1:
         raise ValueError(
             f"alpha must be a finite number greater than -1 (got {alpha}): "
             "alpha <= -1 moves past the SFT model theta0"

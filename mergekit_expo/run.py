@@ -20,8 +20,6 @@ import glob
 import logging
 import os
 import shutil
-import signal
-import threading
 import uuid
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
@@ -35,6 +33,7 @@ from mergekit_expo.errors import ExpoError
 from mergekit_expo.checks import check_architectures, check_lora_cache, check_model_files, check_remote_code
 from mergekit_expo.lock import OutputLock, OutputLockedError
 from mergekit_expo.method import expo_merge
+from mergekit_expo.signals import deferred_interrupts, terminate_cleanly
 from mergekit_expo.summary import log_summary
 
 LOG = logging.getLogger("mergekit_expo")
@@ -52,25 +51,8 @@ class MergeError(click.ClickException, ExpoError, ValueError):
 
 def run_expo_merge(run, merge_config, out_path, options, config_source=None) -> None:
     """Run mergekit's `run_merge` for an `expo` configuration, safely (see module doc)."""
-    with _terminate_cleanly():
+    with terminate_cleanly():
         _run_expo_merge(run, merge_config, out_path, options, config_source)
-
-
-class _terminate_cleanly:
-    """SIGTERM (how schedulers such as Slurm end a job) unwinds like Ctrl-C, so the partial
-    folder is removed instead of left behind; main thread only, restored afterwards."""
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            def stop(signum, frame):
-                raise SystemExit(128 + signum)
-
-            self.previous = signal.signal(signal.SIGTERM, stop)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _run_expo_merge(run, merge_config, out_path, options, config_source=None) -> None:
@@ -434,7 +416,7 @@ def swap_in(new: Path, out: Path) -> None:
         shutil.rmtree(new, ignore_errors=True)
         return
     old = out.parent / f".{out.name}.expo-old-{uuid.uuid4().hex[:8]}"
-    with _no_interrupt():
+    with deferred_interrupts():
         os.rename(out, old)
         try:
             os.rename(new, out)
@@ -457,17 +439,3 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     return result == 0
-
-
-class _no_interrupt:
-    """Defer SIGINT for the two renames of a swap (main thread only)."""
-
-    def __enter__(self):
-        self._masked = threading.current_thread() is threading.main_thread()
-        if self._masked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-
-    def __exit__(self, *exc):
-        if self._masked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        return False

@@ -270,3 +270,48 @@ def test_python_api_errors_are_expo_errors(recipe, tmp_path):
         Sweep(config(recipe=tmp_path / "nope.yaml"))
     with pytest.raises(ExpoError, match="cannot be read"):
         Sweep(config(recipe=tmp_path))
+
+
+def test_a_config_file_that_is_not_text_is_a_usage_error_naming_config(recipe, tmp_path):
+    """attackA #10: a UnicodeDecodeError traceback and exit 70."""
+    import expo_eval.cli  # noqa: F401  (adds `sweep` to the group)
+
+    config = tmp_path / "bin.yaml"
+    config.write_bytes(b"\xff\xfealphas: 1\n")
+    result = CliRunner().invoke(main, ["sweep", str(recipe), "--out", str(tmp_path / "o"), "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "--config" in result.stderr and f"{config}: not UTF-8 text" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "inf"], "--temperature (sampling.temperature): Input should be a finite number"),
+        (["--top-p", "-inf"], "--top-p (sampling.top_p): Input should be a finite number"),
+        (["--kv-cache-gib", "inf"], "--kv-cache-gib (engine.kv_cache_gib): Input should be a finite number"),
+        (["--reward-accuracy", "nan"], "--reward-accuracy (reward_accuracy): Input should be a finite number"),
+        (["--search", "nan,1"], "Input should be a finite number"),
+    ],
+)
+def test_non_finite_sampling_engine_and_selection_values_are_refused_by_flag(recipe, tmp_path, flags, message):
+    """attackA #18/#22: `--temperature inf` ran; `--search nan,1` said "alpha <= -1", and
+    `--reward-accuracy nan` "less than or equal to 1"."""
+    import expo_eval.cli  # noqa: F401  (adds `sweep` to the group)
+
+    args = [] if "--search" in flags else ["--alphas", "0.5"]
+    result = CliRunner().invoke(main, ["sweep", str(recipe), "--out", str(tmp_path / "o"), "--prompts", "smoke",
+                                       "--reward-model", "rm", *args, *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "alpha <= -1" not in result.stderr, result.stderr
+
+
+def test_a_non_finite_alpha_is_named_as_such():
+    """attackA #22: NaN was told that alpha <= -1 moves past theta0."""
+    from mergekit_expo.rules import check_alpha
+
+    with pytest.raises(ValueError, match=r"\(got nan\): NaN is not a number") as nan:
+        check_alpha(float("nan"))
+    with pytest.raises(ValueError, match="infinite") as inf:
+        check_alpha(float("inf"))
+    assert "<= -1" not in str(nan.value) + str(inf.value)

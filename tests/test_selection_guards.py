@@ -116,3 +116,16 @@ def test_a_model_with_all_zero_logits_is_not_chosen_end_to_end(family, tmp_path,
     assert document["chosen_alpha"] == 0
     degenerate = next(c for c in document["candidates"] if c["alpha"] == 1e30 and c["split"] == "select")
     assert degenerate["selection_value"] is None
+
+
+def test_prompts_that_differ_only_in_whitespace_stay_on_one_side_of_the_split():
+    """attackA #14: "Describe the bird briefly." chose alpha and "Describe the bird briefly. " was
+    reported on; an explicit --report-prompts file with the same two is refused."""
+    from expo_eval.prompts import make_prompt, shared_prompts, split_prompts
+
+    asked = [f"Describe the {animal} briefly." for animal in ("bird", "dog", "cat", "fish", "horse", "owl")]
+    prompts = [make_prompt([{"role": "user", "content": text}]) for base in asked
+               for text in (base, base + " ", base.replace(" ", "  "))]
+    select, report = split_prompts(prompts, 0.5)
+    assert select and report and len(select) + len(report) == len(prompts)
+    assert shared_prompts(report, select) == 0

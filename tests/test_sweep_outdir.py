@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,85 @@ def test_a_held_lock_that_is_not_json_is_a_message(folder, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def tokenizer_source_config(folder, tmp_path):
+    """A sweep whose recipe takes its tokenizer from a folder of its own (a copy of sft's)."""
+    tokenizer = shutil.copytree(folder / "sft", folder / "tok", ignore=shutil.ignore_patterns("*.safetensors"))
+    config = sweep_config(folder, tmp_path)
+    write_recipe(config.recipe, expo_recipe({"sft": folder / "sft", "dpo": folder / "dpo"}, tokenizer_source=str(tokenizer)))
+    return config, tokenizer
+
+
+def test_a_tokenizer_source_edited_in_place_is_noticed(folder, tmp_path):
+    config, tokenizer = tokenizer_source_config(folder, tmp_path)
+    first, _ = run(config)
+    data = json.loads((tokenizer / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    (a, i), (b, j) = list(vocab.items())[-2:]
+    vocab[a], vocab[b] = j, i  # same size, other token ids
+    (tokenizer / "tokenizer.json").write_text(json.dumps(data))
+    again, _ = run(config)
+    assert first.generated == 3 and again.generated == 3 and again.reused == 0
+
+
+def test_out_inside_the_tokenizer_source_is_refused(folder, tmp_path):
+    config, tokenizer = tokenizer_source_config(folder, tmp_path)
+    config = config.model_copy(update={"out": tokenizer / "sweep"})
+    with pytest.raises(OutputFolderError, match=re.escape(f"lies inside the tokenizer source's folder {tokenizer}")):
+        run(config)
+    assert not (tokenizer / "sweep").exists()
+
+
+def test_a_users_results_with_no_sweep_marker_are_refused(folder, tmp_path):
+    config = sweep_config(folder, tmp_path)
+    config.out.mkdir()
+    (config.out / "results.csv").write_text("my precious results\n")
+    (config.out / "best.yaml").write_text("notes\n")
+    with pytest.raises(OutputFolderError, match=r"holds best.yaml, results.csv but no sweep's \.report-files\.json"):
+        run(config)
+    assert snapshot(config.out) == {"results.csv": b"my precious results\n", "best.yaml": b"notes\n"}
+
+
+def test_out_named_like_a_sweeps_own_entry_inside_a_sweep_is_refused(folder, tmp_path):
+    config = sweep_config(folder, tmp_path)
+    run(config)
+    before = snapshot(config.out)
+    nested = config.model_copy(update={"out": config.out / REPORT_STAGING})
+    with pytest.raises(OutputFolderError, match=r"is \.report-new, a name the sweep in .* keeps for itself"):
+        run(nested)
+    assert snapshot(config.out) == before and not (config.out / REPORT_STAGING).exists()
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept(folder, tmp_path):
+    config = sweep_config(folder, tmp_path)
+    config.out.mkdir()
+    users = tmp_path / "userfile.txt"
+    users.write_text("mine\n")
+    (config.out / ".sweep.lock").symlink_to(users)
+    with pytest.raises(SweepLockedError, match=r"\.sweep\.lock is a symlink"):
+        run(config)
+    assert users.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda out: out.symlink_to(out), "is a symlink loop"),
+    (lambda out: out.symlink_to(out.parent / "missing"), "is a symlink to a missing folder"),
+])
+def test_a_broken_symlink_out_is_one_line(folder, tmp_path, make, message):
+    config = sweep_config(folder, tmp_path)
+    make(config.out)
+    with pytest.raises(OutputFolderError, match=re.escape(f"the output folder {config.out} {message}")):
+        run(config)
+
+
+@pytest.mark.parametrize("name", ["cache", "generations"])
+def test_a_sweep_folder_that_is_a_file_is_refused_before_generating(folder, tmp_path, name):
+    config = sweep_config(folder, tmp_path)
+    run(config)
+    shutil.rmtree(config.out / name)
+    (config.out / name).write_text("x\n")
+    backend = FakeBackend()
+    with pytest.raises(OutputFolderError, match=re.escape(f"{config.out / name} is a file, not the sweep's {name} folder")):
+        run(config, backend)
+    assert backend.generated == []

@@ -10,8 +10,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from expo_eval.config import SweepConfig
+from expo_eval.files import read_text
 from mergekit_expo.cli import main
-from mergekit_expo.errors import Interrupted
+from mergekit_expo.errors import ExpoError, Interrupted
+from mergekit_expo.signals import terminate_cleanly
 
 class CommaList(click.ParamType):
     """A comma-separated list, e.g. `0,0.1,0.3`: a bad item is a usage error naming the flag."""
@@ -111,7 +113,9 @@ def build_config(recipe: Path, config_file: Optional[str], flags: dict) -> Sweep
     data = {}
     if config_file:
         try:
-            data = yaml.safe_load(Path(config_file).read_text()) or {}
+            data = yaml.safe_load(read_text(Path(config_file), ExpoError)) or {}
+        except ExpoError as error:
+            raise click.BadParameter(str(error), param_hint="--config") from None
         except yaml.YAMLError as error:
             raise click.BadParameter(f"{config_file}: not valid YAML ({error})", param_hint="--config") from None
         if not isinstance(data, dict):
@@ -165,10 +169,16 @@ def sweep(recipe, config_file, **flags):
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = build_config(recipe, config_file, flags)
+    stopped = f"interrupted; finished candidates are cached in {config.out / 'cache'}"
     try:  # any other error: the group's boundary (mergekit_expo.errors.report_errors)
-        outcome = Sweep(config).run()
+        with terminate_cleanly():  # SIGTERM unwinds too: the lock and a staged report are removed
+            outcome = Sweep(config).run()
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; finished candidates are cached in {config.out / 'cache'}") from None
+        raise Interrupted(stopped) from None
+    except SystemExit as stop:  # terminate_cleanly's, 128 + SIGTERM
+        error = Interrupted(stopped.replace("interrupted", "terminated", 1))
+        error.exit_code = stop.code
+        raise error from None
     if outcome.chosen is None:
         click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused}; nothing scored (generate_only).")
         return

@@ -21,7 +21,7 @@ class SamplingConfig(BaseModel):
     Penalties are vLLM's: over generated tokens only.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `--temperature inf` samples nothing
 
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0: greedy).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling share.")
@@ -36,7 +36,7 @@ class SamplingConfig(BaseModel):
 class SearchConfig(BaseModel):
     """Coarse grid over [low, high], then bisection around the best alpha (paper, Appendix B)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     low: float = Field(0.1, description="Lowest alpha of the coarse grid.")
     high: float = Field(0.5, description="Highest alpha of the coarse grid.")
@@ -95,7 +95,7 @@ class EngineConfig(BaseModel):
     its engine leaves room for the reward models (see `backends.vllm.engine_options`).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gpu_memory_utilization: Optional[float] = Field(
         None,
@@ -123,7 +123,7 @@ class SweepConfig(BaseModel):
     prompts: str = Field("ultrafeedback", description="smoke, ultrafeedback, alpaca_eval, a JSONL file or hf:NAME[:SPLIT].")
     select_prompts: Optional[str] = Field(None, description="Prompts that choose alpha (default: a share of --prompts).")
     report_prompts: Optional[str] = Field(None, description="Held-out prompts the result is reported on.")
-    select_fraction: float = Field(0.5, gt=0, lt=1, description="Share of --prompts used to choose alpha.")
+    select_fraction: float = Field(0.5, gt=0, lt=1, allow_inf_nan=False, description="Share of --prompts used to choose alpha.")
     limit: Optional[int] = Field(None, gt=0, description="Use at most N prompts.")
     alphas: Optional[List[float]] = Field(None, description="Explicit grid, e.g. 0,0.1,0.2,0.3 (0 is always evaluated).")
     search: Optional[SearchConfig] = Field(None, description="Automatic search (paper, Appendix B) instead of a grid.")
@@ -145,6 +145,7 @@ class SweepConfig(BaseModel):
         DEFAULT_REWARD_ACCURACY,
         ge=0.5,
         le=1,
+        allow_inf_nan=False,
         description="The choosing reward model's pairwise accuracy on held-out preferences (kl-bound's error scale).",
     )
     include_sft: bool = Field(False, description="Also evaluate the SFT model (theta0).")

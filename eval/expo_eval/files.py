@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, List, Type
 
 from mergekit_expo.errors import ExpoError, describe_os_error
+from mergekit_expo.signals import deferred_interrupts
 
 REPORT_STAGING = ".report-new"  # the next report, written aside in the folder it will replace
 REPORT_MANIFEST = ".report-files.json"  # the report's files: the only ones a later report removes
@@ -82,21 +83,24 @@ def replace_report(folder: Path, write: Callable[[Path], None]) -> None:
 
 
 def finish_report_swap(folder: Path) -> None:
-    """Move a complete staged report in (again, where a swap was cut short); drop an
-    incomplete one."""
+    """Move a complete staged report in (again, where a swap was cut short: only SIGKILL or a
+    crash can cut it); drop an incomplete one."""
     folder = Path(folder)
     staging = folder / REPORT_STAGING
     manifest = staging / REPORT_MANIFEST
     if manifest.exists():
         new = _listed(manifest)
-        for name in new:
-            if (staging / name).exists():  # not moved yet
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging / name, folder / name)
-        for name in set(_listed(folder / REPORT_MANIFEST)) - set(new):
-            _remove_listed(folder, name)
-        os.replace(manifest, folder / REPORT_MANIFEST)
-    shutil.rmtree(staging, ignore_errors=True)
+        with deferred_interrupts():  # Ctrl-C or SIGTERM acts once the report is whole
+            for name in new:
+                if (staging / name).exists():  # not moved yet
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(staging / name, folder / name)
+            for name in set(_listed(folder / REPORT_MANIFEST)) - set(new):
+                _remove_listed(folder, name)
+            os.replace(manifest, folder / REPORT_MANIFEST)
+            shutil.rmtree(staging, ignore_errors=True)  # the emptied folders, before a held signal acts
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _listed(manifest: Path) -> List[str]:

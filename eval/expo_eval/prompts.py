@@ -140,7 +140,12 @@ def shared_prompts(these: List[Prompt], those: List[Prompt]) -> int:
 
 
 def split_prompts(prompts: List[Prompt], fraction: float) -> Tuple[List[Prompt], List[Prompt]]:
-    """Deterministic select/report split by prompt hash, so it survives reordering."""
-    ranked = sorted(prompts, key=lambda p: p.id)
+    """Deterministic select/report split by prompt hash, so it survives reordering. Prompts that
+    ask the same (shared_prompts' sense: only whitespace differs) stay on one side: held out."""
+    asking: Dict[str, List[Prompt]] = {}
+    for prompt in sorted(prompts, key=lambda p: p.id):
+        asking.setdefault(_conversation(prompt), []).append(prompt)
+    ranked = list(asking.values())  # by each one's first id: without variants, the ids' order
     cut = max(1, min(len(ranked) - 1, round(fraction * len(ranked))))
-    return ranked[:cut], ranked[cut:]
+    select, report = ([p for group in groups for p in group] for groups in (ranked[:cut], ranked[cut:]))
+    return sorted(select, key=lambda p: p.id), sorted(report, key=lambda p: p.id)

@@ -61,6 +61,7 @@ from expo_eval.search import (
 )
 from expo_eval.shards import generate_sharded
 from mergekit_expo.errors import ExpoError
+from mergekit_expo.merged_tokenizer import tokenizer_models
 from mergekit_expo.run import MergeError, check_inputs, describe
 
 def digest(payload) -> str:
@@ -161,6 +162,8 @@ class Sweep:
         for model, named in zip(recipe.models or [], given.models or []):
             if model.model != recipe.base_model:
                 inputs[f"aligned model ({named.model.model.path})"] = model_fingerprint(model.model.model.path)
+        for path in tokenizer_models(given):
+            inputs[f"tokenizer source ({path})"] = model_fingerprint(_absolute_folder(path))
         if self.chat_template is not None:
             inputs[f"chat template ({self._given.chat_template})"] = text_fingerprint(self.chat_template)
         for name in self.config.reward_models:
@@ -204,6 +207,8 @@ class Sweep:
         for model in recipe.models or []:
             if model.model != recipe.base_model:
                 paths[f"the aligned model's folder {model.model.model.path}"] = model.model.model.path
+        for path in tokenizer_models(recipe):
+            paths[f"the tokenizer source's folder {path}"] = path
         if config.chat_template is not None:
             paths[f"the chat template file {config.chat_template}"] = config.chat_template
         for name in config.reward_models:
@@ -702,13 +707,18 @@ def _absolute_models(recipe: MergeConfiguration) -> MergeConfiguration:
     the working directory), for the same reason; a Hub ID stays as it is."""
 
     def absolute(model):
-        path = model.model.path
-        if os.path.isabs(path) or not os.path.isdir(path):
+        path = _absolute_folder(model.model.path)
+        if path == model.model.path:
             return model
-        return model.model_copy(update={"model": model.model.model_copy(update={"path": os.path.abspath(path)})})
+        return model.model_copy(update={"model": model.model.model_copy(update={"path": path})})
 
     models = [m.model_copy(update={"model": absolute(m.model)}) for m in recipe.models] if recipe.models else recipe.models
     return recipe.model_copy(update={"base_model": absolute(recipe.base_model), "models": models})
+
+
+def _absolute_folder(path: str) -> str:
+    """A relative local folder made absolute against the working directory; a Hub ID as it is."""
+    return path if os.path.isabs(path) or not os.path.isdir(path) else os.path.abspath(path)
 
 
 def _remove(path) -> None:
