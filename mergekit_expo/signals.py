@@ -5,7 +5,7 @@ delivers signals to) and restore what they changed."""
 import signal
 import threading
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class terminate_cleanly:
@@ -29,15 +29,22 @@ class terminate_cleanly:
 
 class deferred_interrupts:
     """Hold SIGINT and SIGTERM back while a few renames run: one that arrives meanwhile is
-    delivered right after, once the files are all in place (SIGKILL cannot be held)."""
+    raised again right after, once the files are all in place (SIGKILL cannot be held).
+
+    The handlers are swapped, not the signal mask: a process-directed signal goes to any
+    thread that does not block it (torch's, a tokenizer's), and Python then runs its handler
+    in the main thread all the same."""
 
     def __enter__(self):
-        self.previous = None
+        self.previous, self.pending = {}, []
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, lambda number, frame: self.pending.append(number))
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if self.pending:
+            signal.raise_signal(self.pending[0])  # to the handler it would have met
         return False
