@@ -395,16 +395,14 @@ def test_a_held_lock_whose_file_is_no_record_is_named(tmp_path):
 
 def test_a_lock_taken_on_a_file_its_holder_just_deleted_is_taken_again(tmp_path, monkeypatch):
     """Opened before the holder deleted it, locked after: the path names another file by then."""
-    import builtins
-
     from mergekit_expo import lock as lock_module
 
     path = tmp_path / ".out.expo-lock"
     holder = lock_module.OutputLock(path, "merge", tmp_path / "out").__enter__()
     deleted = open(path, "a+")
     holder.__exit__(None, None, None)
-    opened = iter([deleted])
-    monkeypatch.setattr(lock_module, "open", lambda *a: next(opened, None) or builtins.open(*a), raising=False)
+    opened, real_open = iter([deleted]), lock_module.OutputLock._open
+    monkeypatch.setattr(lock_module.OutputLock, "_open", lambda self: next(opened, None) or real_open(self))
     with lock_module.OutputLock(path, "merge", tmp_path / "out") as taken:
         assert deleted.closed and path.exists() and taken.token in path.read_text()
 
