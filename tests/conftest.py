@@ -64,6 +64,18 @@ def expo_recipe(family, alpha=0.3, models=("dpo",), **extra) -> dict:
     }
 
 
+def slices_recipe(family) -> dict:
+    """An alpha-0.3 `expo` recipe written with `slices:` (layers 0-1 of sft and dpo)."""
+    return {
+        "merge_method": "expo",
+        "slices": [{"sources": [{"model": str(family["sft"]), "layer_range": [0, 2]},
+                                {"model": str(family["dpo"]), "layer_range": [0, 2]}],
+                    "base_model": str(family["sft"])}],
+        "parameters": {"alpha": 0.3},
+        "dtype": "bfloat16",
+    }
+
+
 def run_cli(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
     """Run one of the venv's console scripts in a fresh process."""
     result = subprocess.run(

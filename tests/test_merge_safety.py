@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, expo_recipe, load, merge, run_cli, write_recipe
+from conftest import BIN, expo_recipe, load, merge, run_cli, slices_recipe, write_recipe
 from safetensors.torch import load_file
 
 from mergekit_expo import run
@@ -93,17 +93,9 @@ def test_re_merge_with_other_shard_size_leaves_no_stale_shard(family, tmp_path):
 
 def test_failed_re_merge_keeps_the_previous_output_exactly(family, tmp_path):
     """A NaN found mid-merge, after shards were written: the old model is untouched."""
-    from safetensors.torch import save_file
-    import shutil
-
     out = merge(expo_recipe(family, alpha=0.3), tmp_path)
     before = digest(out)
-    broken = Path(shutil.copytree(family["dpo"], tmp_path / "broken"))
-    state = load_file(broken / "model.safetensors")
-    state["model.norm.weight"][3] = float("nan")
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
-    recipe = expo_recipe(family, alpha=1.0)
-    recipe["models"] = [{"model": str(broken)}]
+    recipe = nan_recipe(family, tmp_path)
     result = mergekit_yaml(recipe, tmp_path, out, "--out-shard-size", "50K")
     assert_clean_failure(result, "model.norm.weight: 1 NaN or Inf value(s)")
     assert digest(out) == before
@@ -266,14 +258,7 @@ def test_sigterm_leaves_the_previous_output_and_no_partial_folder(family, tmp_pa
 
 
 def test_a_slices_recipe_with_base_model_in_its_slice_gets_a_card(family, tmp_path):
-    recipe = {
-        "merge_method": "expo",
-        "slices": [{"sources": [{"model": str(family["sft"]), "layer_range": [0, 2]},
-                                {"model": str(family["dpo"]), "layer_range": [0, 2]}],
-                    "base_model": str(family["sft"])}],
-        "parameters": {"alpha": 0.3},
-        "dtype": "bfloat16",
-    }
+    recipe = slices_recipe(family)
     result = mergekit_yaml(recipe, tmp_path, tmp_path / "out")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ExPO" in (tmp_path / "out" / "README.md").read_text()
@@ -313,18 +298,9 @@ def test_a_merge_into_a_symlink_replaces_its_target_and_keeps_the_link(family, t
 
 def test_a_failed_merge_into_a_symlink_keeps_its_target_and_leaves_nothing(family, tmp_path, linked_output):
     """A guard of the failure path at the link's target (the merge fails before the swap)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     link, target = linked_output
     before = digest(target)
-    broken = Path(shutil.copytree(family["dpo"], tmp_path / "broken"))
-    state = load_file(broken / "model.safetensors")
-    state["model.norm.weight"][3] = float("nan")
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
-    recipe = expo_recipe(family, alpha=1.0)
-    recipe["models"] = [{"model": str(broken)}]
+    recipe = nan_recipe(family, tmp_path)
     result = mergekit_yaml(recipe, tmp_path, link, "--out-shard-size", "50K")
     assert_clean_failure(result, "model.norm.weight: 1 NaN or Inf value(s)")
     assert link.is_symlink() and digest(target) == before
@@ -447,3 +423,16 @@ def test_mergekit_multi_refuses_an_out_path_that_is_a_stage_folder(family, tmp_p
     result = run_cli("mergekit-multi", recipe, "-I", tmp_path / "inter", "--out-path", stage, lazy, check=False)
     assert result.returncode == 1 and "is the folder of the stage `stage1`" in result.stderr, result.stderr[-2000:]
     assert not stage.exists() and "Traceback" not in result.stderr
+
+
+def nan_recipe(family, tmp_path) -> dict:
+    """An alpha-1 recipe whose aligned model (a copy of dpo) holds one NaN in model.norm.weight."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = Path(shutil.copytree(family["dpo"], tmp_path / "broken"))
+    state = load_file(broken / "model.safetensors")
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    return expo_recipe(family, alpha=1.0) | {"models": [{"model": str(broken)}]}

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import expo_recipe, run_cli, write_recipe
+from conftest import expo_recipe, run_cli, slices_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 
 from expo_eval.backends import BackendError
@@ -219,14 +219,7 @@ def test_a_lora_adapter_is_refused_saying_how_to_merge_it_first(family, tmp_path
 
 
 def test_a_slices_recipe_is_refused_saying_what_to_sweep(family, tmp_path):
-    recipe = {
-        "merge_method": "expo",
-        "slices": [{"sources": [{"model": str(family["sft"]), "layer_range": [0, 2]},
-                                {"model": str(family["dpo"]), "layer_range": [0, 2]}],
-                    "base_model": str(family["sft"])}],
-        "parameters": {"alpha": 0.3},
-        "dtype": "bfloat16",
-    }
+    recipe = slices_recipe(family)
     result = sweep(recipe, tmp_path)
     refused(result, "`slices:` recipe cannot be swept", "`base_model:` and `models:`")
     assert nothing_generated(tmp_path)
