@@ -40,7 +40,7 @@ def test_kl_bound_value_is_reward_less_the_error_bound():
 @pytest.mark.parametrize("accuracy, share", [(0.5, 1.0), (0.75, math.sqrt(0.5)), (1.0, 0.0)])
 def test_error_scale_follows_the_reward_models_accuracy(accuracy, share):
     """A coin-flip reward model is all error; a perfect one has none (kl-bound is then reward-max)."""
-    assert Selection(RM, reward_accuracy=accuracy).error_sd(BASELINE) == pytest.approx(share * SD, abs=1e-12)
+    assert Selection(RM, "kl-bound", reward_accuracy=accuracy).error_sd(BASELINE) == pytest.approx(share * SD, abs=1e-12)
 
 
 def curve():
@@ -56,25 +56,25 @@ def curve():
 def test_kl_bound_stops_where_reward_only_buys_kl():
     results = curve()
     assert choose_alpha(results, Selection(RM, "reward-max")).alpha == 4.0
-    kl_bound = Selection(RM)
+    kl_bound = Selection(RM, "kl-bound")
     values = {r.alpha: kl_bound.value(r, BASELINE) for r in results}
     assert choose_alpha(results, kl_bound).alpha == max(values, key=values.get) == 1.0
-    assert choose_alpha(results, Selection(RM, reward_accuracy=1.0)).alpha == 4.0
+    assert choose_alpha(results, Selection(RM, "kl-bound", reward_accuracy=1.0)).alpha == 4.0
 
 
 def test_kl_bound_chooses_alpha_zero_when_nothing_beats_it():
     results = [with_kl(BASELINE, 0.0), with_kl(candidate(1.0, 1.05), 2.0)]
-    assert choose_alpha(results, Selection(RM)).alpha == 0.0
+    assert choose_alpha(results, Selection(RM, "kl-bound")).alpha == 0.0
 
 
 def test_kl_bound_needs_kl_and_says_so():
     with pytest.raises(ValueError, match=r"alpha=1 has no KL estimate.*--select reward-max"):
-        choose_alpha([with_kl(BASELINE, 0.0), candidate(1.0, 1.2)], Selection(RM))
+        choose_alpha([with_kl(BASELINE, 0.0), candidate(1.0, 1.2)], Selection(RM, "kl-bound"))
 
 
 def test_choosing_needs_alpha_zero():
     with pytest.raises(SelectionError, match="alpha = 0"):
-        choose_alpha([with_kl(candidate(1.0, 1.2), 0.1)], Selection(RM))
+        choose_alpha([with_kl(candidate(1.0, 1.2), 0.1)], Selection(RM, "kl-bound"))
 
 
 def test_a_kl_estimate_that_is_not_a_distance_is_left_out_and_named():
@@ -84,7 +84,7 @@ def test_a_kl_estimate_that_is_not_a_distance_is_left_out_and_named():
     noisy = candidate(0.5, 1.1).model_copy(update={"kl": -0.01, "kl_stderr": 0.02})  # zero within noise
     nan = candidate(2.0, 3.0).model_copy(update={"kl": float("nan"), "kl_stderr": 0.1})
     results = [BASELINE.model_copy(update={"kl": 0.05, "kl_stderr": 0.02}), biased, noisy, nan]
-    rule = Selection(RM)
+    rule = Selection(RM, "kl-bound")
     assert choose_alpha(results, rule).alpha == 0.5
     problems = rule.problems(results)
     assert [p.split(":")[0] for p in problems] == ["alpha=8", "alpha=2"]
@@ -95,20 +95,20 @@ def test_a_kl_estimate_that_is_not_a_distance_is_left_out_and_named():
 def test_kl_bound_without_spread_says_it_chose_as_reward_max():
     flat = BASELINE.model_copy(update={"scores": {RM: BASELINE.scores[RM].model_copy(update={"stderr": 0.0})}})
     results = [with_kl(flat, 0.0), with_kl(candidate(8.0, 2.0), 50.0)]
-    assert choose_alpha(results, Selection(RM)).alpha == 8.0
-    (warning,) = Selection(RM).problems(results)
+    assert choose_alpha(results, Selection(RM, "kl-bound")).alpha == 8.0
+    (warning,) = Selection(RM, "kl-bound").problems(results)
     assert "no spread" in warning and "as reward-max does" in warning
-    assert Selection(RM).problems(curve()) == []
+    assert Selection(RM, "kl-bound").problems(curve()) == []
 
 
 def test_the_other_rules_choice_is_reported_when_it_differs():
     results = curve()
-    chosen = choose_alpha(results, Selection(RM))
-    (note,) = other_rule_flags(results, chosen, Selection(RM))
+    chosen = choose_alpha(results, Selection(RM, "kl-bound"))
+    (note,) = other_rule_flags(results, chosen, Selection(RM, "kl-bound"))
     assert note.startswith("reward-max would choose alpha=4") and "kl-bound chose alpha=1" in note
     paper = choose_alpha(results, Selection(RM, "reward-max"))
-    assert other_rule_flags(results, paper, Selection(RM, "reward-max"))[0].startswith("kl-bound would choose alpha=1")
-    assert other_rule_flags(results[:1], results[0], Selection(RM)) == []
+    assert other_rule_flags(results, paper, Selection(RM, "reward-max"))[0].startswith("agreement would choose alpha=")
+    assert other_rule_flags(results[:1], results[0], Selection(RM, "kl-bound")) == []
 
 
 @pytest.mark.parametrize("rule, accuracy", [("best-guess", 0.75), ("kl-bound", 0.4), ("kl-bound", 1.5), ("kl-bound", "0.8"), ("kl-bound", True)])
@@ -126,8 +126,8 @@ def test_search_bisects_around_the_rules_choice():
 
     config = SearchConfig(low=0.5, high=2.0, coarse_points=4, refine_rounds=2, min_step=0.1)
     evaluate = WithKL(lambda alpha: 1.0 + 0.6 * alpha)  # reward rises forever
-    results = search_alphas(evaluate, config, Selection(RM), with_kl(BASELINE, 0.0))
-    chosen = choose_alpha([with_kl(BASELINE, 0.0), *results], Selection(RM))
+    results = search_alphas(evaluate, config, Selection(RM, "kl-bound"), with_kl(BASELINE, 0.0))
+    chosen = choose_alpha([with_kl(BASELINE, 0.0), *results], Selection(RM, "kl-bound"))
     assert chosen.alpha == 0.625  # kl-bound's optimum of 1 + 0.6 a - 0.354 sqrt(2 a^3) is at a = 0.64
     assert evaluate.calls[4:] and max(evaluate.calls[4:]) < 1.0  # refined next to 0.5, not next to 2
     paper = WithKL(lambda alpha: 1.0 + 0.6 * alpha)

@@ -26,7 +26,7 @@ def test_a_kl_too_noisy_to_mean_anything_is_not_chosen_and_is_named():
     alpha 0's 0.00 ± 0.007. That is no measured distance, and a high reward does not buy it in."""
     theta1 = kl(BASELINE, 0.0, 0.007)
     degenerate = kl(candidate(1e30, 5.0), -0.21, 0.58)
-    rule = Selection(RM)
+    rule = Selection(RM, "kl-bound")
     assert choose_alpha([theta1, degenerate], rule).alpha == 0.0
     (warning,) = rule.problems([theta1, degenerate])
     assert warning.startswith("alpha=1e+30:") and "too noisy" in warning and "did not consider it" in warning
@@ -44,7 +44,7 @@ def test_a_distance_that_cannot_be_told_from_zero_counts_at_its_upper_bound():
     noisy = kl(candidate(0.5, 1.02), -0.01, 0.035)  # its SE is below alpha 0's whole distance: rated
     assert kl_distance(noisy, theta1) == pytest.approx(0.07)
     # counted as zero distance, alpha 0.5's higher mean would beat alpha 0; at its upper bound it does not
-    assert choose_alpha([theta1, noisy], Selection(RM)).alpha == 0.0
+    assert choose_alpha([theta1, noisy], Selection(RM, "kl-bound")).alpha == 0.0
 
 
 @pytest.mark.parametrize("rule", ["reward-max", "kl-bound"])
@@ -102,15 +102,15 @@ def test_gpus_on_the_cpu_when_asked_for_explicitly(recipe, tmp_path, cuda_device
 
 def test_a_model_with_all_zero_logits_is_not_chosen_end_to_end(family, tmp_path, monkeypatch):
     """alpha 1e30 zeroes the tiny model's logits: uniform text, which `rewards:shortness` prefers
-    (it stops sooner), and a KL too noisy to be a distance. kl-bound keeps alpha 0 and says why."""
+    (it stops sooner), and a KL too noisy to be a distance. The default keeps alpha 0 and says why."""
     monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
     recipe = write_recipe(tmp_path / "recipe.yaml", expo_recipe(family))
     out = tmp_path / "out"
     result = run_cli("mergekit-expo", "sweep", recipe, "--out", out, "--prompts", "smoke", "--device", "cpu",
                      "--alphas", "0,1e30", "--reward-model", "rewards:shortness")
-    assert "Chosen alpha: 0 (rule kl-bound" in result.stdout
+    assert "Chosen alpha: 0 (rule agreement" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
-    assert any(w.startswith("Warning: alpha=1e+30:") and "did not consider it" in w for w in warnings), warnings
+    assert any(w.startswith("Warning: agreement stopped at alpha=1e+30:") and "too noisy" in w for w in warnings), warnings
     assert any(w.startswith("Warning: reward-max would choose alpha=1e+30") for w in warnings), warnings
     document = json.loads((out / "results.json").read_text())
     assert document["chosen_alpha"] == 0

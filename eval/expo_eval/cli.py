@@ -40,6 +40,7 @@ SPECIAL = {
     ("recipe",): None,  # the RECIPE argument
     ("search",): dict(decls=["--search", "search_range"], type=CommaList(float, count=2, metavar="LOW,HIGH"), help="Search alpha over LOW,HIGH (paper, Appendix B): a coarse grid, then bisection."),
     ("reward_models",): dict(decls=["--reward-model", "reward_models"], multiple=True),
+    ("select_with",): dict(multiple=True),
     ("alphas",): dict(type=CommaList(float)),
     ("gpus",): dict(type=CommaList(str, metavar="GPU,...")),
     ("lm_eval", "tasks"): dict(decls=["--lm-eval-task", "lm_eval_tasks"], multiple=True, help="lm-eval task to run on alpha 0 and the chosen alpha (repeatable; local ones need --lm-eval-include-path)."),
@@ -186,7 +187,7 @@ def sweep(recipe, config_file, **flags):
         click.echo(f"Nothing generated: all {outcome.reused} candidate runs came from {config.out / 'cache'}.")
     else:
         click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused} from the cache.")
-    click.echo(f"Chosen alpha: {outcome.chosen.alpha:g} (rule {config.select} on {config.selector}); results in {config.out}")
+    click.echo(f"Chosen alpha: {outcome.chosen.alpha:g} (rule {config.select} on {', '.join(config.selection.scorers)}); results in {config.out}")
     for flag in outcome.flags:
         click.echo(f"Warning: {flag}", err=True)
 
@@ -195,29 +196,33 @@ def sweep(recipe, config_file, **flags):
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for every artifact: models, recipes, sweeps, report.md.")
 @click.option("--quick", is_flag=True, help="Shrink everything (about a minute; for tests): the numbers mean nothing.")
 @click.option("--force", is_flag=True, help="Redo every stage, even those finished in DIR before.")
-@click.option("--seeds", type=CommaList(int, metavar="SEED,..."), default=None, help="Seeds of data, training and sampling, one full run each (default: 0,1,2; --quick: 0).")
-def demo(out, quick, force, seeds):
+@click.option("--seeds", type=CommaList(int, metavar="SEED,..."), default=None, help="Seeds of data, training and sampling, one full run each (default: 0; the evidence: 0,1,2).")
+@click.option("--regime", "regimes", type=click.Choice(["short", "long"]), multiple=True, help="Run only this regime (repeatable; default: both).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Regimes run at once, one process and one torch thread each.")
+def demo(out, quick, force, seeds, regimes, workers):
     """Offline end-to-end demo: the paper's Table 2 experiment in miniature (needs the [demo] extra).
 
-    Trains a tiny SFT model, a reward model and DPO checkpoints at 10/20/40/100% of
-    an epoch with TRL, sweeps alpha for each with `mergekit-expo sweep`'s code, and
-    writes DIR/report.md; each further seed repeats it under DIR/seeds/SEED, and the
-    report measures the selection rules over all of them. Finished stages are reused.
+    For short answers and for long ones, trains a tiny SFT model, two reward models
+    and DPO checkpoints at 10/20/40/100% of an epoch with TRL, sweeps alpha for each
+    with `mergekit-expo sweep`'s code, and writes DIR/<regime>/report.md; each further
+    seed repeats it under DIR/<regime>/seeds/SEED. DIR/report.md measures the selection
+    rules over all of them. Finished stages are reused.
     """
     import importlib.util
     import logging
 
     if importlib.util.find_spec("trl") is None:
         raise click.ClickException("the demo trains with TRL: pip install 'mergekit-expo[demo]'")
-    from expo_eval.demo.pipeline import FULL, FULL_SEEDS, QUICK, run_demo
+    from expo_eval.demo.pipeline import QUICK, REGIMES, run_demo
     from expo_eval.demo.report import print_summary
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if seeds is not None and len(set(seeds)) != len(seeds):
         raise click.BadParameter(f"each seed once, got {seeds}", param_hint="--seeds")
-    seeds = seeds or ((0,) if quick else FULL_SEEDS)
-    summary = run_demo(Path(out), QUICK if quick else FULL, seeds=seeds, force=force, echo=click.echo)
-    print_summary(summary, echo=click.echo)
+    chosen = QUICK if quick else REGIMES
+    chosen = {name: settings for name, settings in chosen.items() if not regimes or name in regimes}
+    summaries = run_demo(Path(out), chosen, seeds=seeds or (0,), force=force, echo=click.echo, workers=workers)
+    print_summary(summaries, echo=click.echo)
     click.echo(f"Report: {Path(out) / 'report.md'}")
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, ValidationInfo, fie
 
 from expo_eval.capability import LmEvalConfig
 from expo_eval.judge import JudgeConfig
-from expo_eval.selection import DEFAULT_REWARD_ACCURACY, Rule, Selection
+from expo_eval.selection import DEFAULT_REWARD_ACCURACY, DEFAULT_RULE, Rule, Selection
 from mergekit_expo.rules import check_alpha
 
 
@@ -130,16 +130,22 @@ class SweepConfig(BaseModel):
     reward_models: List[str] = Field(
         min_length=1, description="Reward model folder or Hub ID (MODEL#objective=K picks one objective of a multi-objective one), or module:function. Repeatable; the first chooses alpha."
     )
-    select_with: Optional[str] = Field(None, description="Which reward model chooses alpha.")
+    select_with: Optional[List[str]] = Field(
+        None,
+        min_length=1,
+        description="Reward models that choose alpha (repeatable; default: all of them). agreement asks each of them; "
+        "reward-max and kl-bound use the first.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run the code a reward model ships (its config.json auto_map: ArmoRM, InternLM2-reward); "
         "it runs with your permissions, so read it first.",
     )
     select: Rule = Field(
-        "kl-bound",
-        description="How alpha is chosen: kl-bound (reward less what its errors could gain at the candidate's KL "
-        "from theta0) or reward-max (the paper's highest mean reward).",
+        DEFAULT_RULE,
+        description="How alpha is chosen: agreement (out from alpha 0 while every scorer still agrees answers improve "
+        "and the KL grows as a first-order step predicts), kl-bound (reward less what its errors could gain at the "
+        "candidate's KL from theta0) or reward-max (the paper's highest mean reward).",
     )
     reward_accuracy: float = Field(
         DEFAULT_REWARD_ACCURACY,
@@ -230,8 +236,11 @@ class SweepConfig(BaseModel):
     def _one_alpha_source(self) -> "SweepConfig":
         if (self.alphas is None) == (self.search is None):
             raise ValueError("give exactly one of `alphas` (a grid) or `search`")
-        if self.select_with is not None and self.select_with not in self.reward_models:
-            raise ValueError(f"select_with {self.select_with!r} is not one of the reward models {self.reward_models}")
+        unknown = [name for name in self.select_with or [] if name not in self.reward_models]
+        if unknown:
+            raise ValueError(f"select_with {unknown[0]!r} is not one of the reward models {self.reward_models}")
+        if self.select_with is not None and len(set(self.select_with)) != len(self.select_with):
+            raise ValueError(f"select_with names a reward model twice: {self.select_with}")
         if self.materialize and self.backend != "transformers":
             raise ValueError("materialize writes checkpoints for the transformers backend; vLLM swaps weights in place")
         if self.generate_only and self.alphas is None:
@@ -252,10 +261,15 @@ class SweepConfig(BaseModel):
         return self
 
     @property
+    def selectors(self) -> List[str]:
+        """The scorers that choose alpha: `select_with`, else every reward model."""
+        return list(self.select_with or self.reward_models)
+
+    @property
     def selector(self) -> str:
-        """The scorer that chooses alpha: `select_with`, else the first reward model."""
-        return self.select_with or self.reward_models[0]
+        """The scorer single-scorer rules (reward-max, kl-bound) use: the first of `selectors`."""
+        return self.selectors[0]
 
     @property
     def selection(self) -> Selection:
-        return Selection(self.selector, self.select, self.reward_accuracy)
+        return Selection(self.selector, self.select, self.reward_accuracy, tuple(self.selectors[1:]))

@@ -61,6 +61,7 @@ def results_document(
         "selection": {
             "rule": selection.rule,
             "scorer": selection.scorer,
+            "scorers": list(selection.scorers),
             "reward_accuracy": selection.reward_accuracy,
             "description": selection.describe(),
         },

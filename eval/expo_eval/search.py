@@ -13,7 +13,7 @@ from expo_eval.config import SearchConfig
 from expo_eval.capability import LOWER_IS_BETTER
 from expo_eval.judge import MIN_PARSED_SHARE
 from expo_eval.records import CandidateResult, ScoreStats
-from expo_eval.selection import RULES, Selection, SelectionError, baseline_of
+from expo_eval.selection import DEFAULT_RULE, Selection, SelectionError, baseline_of
 
 # Collapse thresholds, all relative to alpha = 0 (theta1) on the same prompts.
 # A quarter of the prompts newly running into the length limit: the paper's "never emits
@@ -182,12 +182,10 @@ def choose_alpha(results: List[CandidateResult], selection: Selection) -> Candid
     alpha = 0 (theta1 itself) competes, so a sweep where extrapolation does not help
     chooses theta1; the SFT model (alpha None) is a reference, never a choice.
     """
-    eligible = [
-        r for r in results if r.split == "select" and r.alpha is not None and not r.collapsed
-    ]
-    if not eligible:
+    select = [r for r in results if r.split == "select" and r.alpha is not None]
+    if all(r.collapsed for r in select):
         raise SelectionError("no candidate on the select split is left after collapse detection")
-    chosen = selection.best(eligible, baseline_of(results))
+    chosen = selection.best(select, baseline_of(results))
     if chosen is None:
         raise SelectionError(f"{selection.rule} rates no candidate on the select split: " + "; ".join(selection.problems(results)))
     return chosen
@@ -227,8 +225,10 @@ def reward_hacking_flags(
 
 
 def other_rule_flags(results: List[CandidateResult], chosen: CandidateResult, selection: Selection) -> List[str]:
-    """A note when the other rule would have chosen differently: the trade-off, in the open."""
-    other = Selection(selection.scorer, next(r for r in RULES if r != selection.rule), selection.reward_accuracy)
+    """A note when the paper's reward-max (or, when it chose, the default rule) would have chosen
+    differently: the trade-off, in the open."""
+    rule = DEFAULT_RULE if selection.rule == "reward-max" else "reward-max"
+    other = Selection(selection.scorer, rule, selection.reward_accuracy, selection.others)
     try:
         alternative = choose_alpha(results, other)
     except SelectionError:

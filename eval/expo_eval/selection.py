@@ -1,41 +1,62 @@
-"""How a sweep chooses alpha: a named rule applied to one scorer's results.
+"""How a sweep chooses alpha: a named rule applied to the scorers' results.
 
-`reward-max` is the paper's rule: the highest mean reward. Past a point, extrapolation
-raises a learned reward model's score while true quality falls (reward hacking; the
-demo shows it on its under-trained checkpoints), so the default, `kl-bound`, charges
-each candidate for how far it moved from theta0:
+`agreement` (the default) rests on what ExPO is: a first-order step along theta1 - theta0,
+the direction alignment already moved. It helps while the extrapolated model stays in the
+regime where that direction still means what it meant, and two things a user has show when
+it does not, at any answer length:
+
+- the scorers stop agreeing that answers improve. Extrapolation finds a reward model's own
+  errors first; a second reward model trained on other data does not share them, so each
+  scorer's mean must not fall (beyond FALL_Z standard errors) below its best on the way out
+  from alpha = 0 (Coste et al. 2023, ensembles; Eisenstein et al. 2023, why one is not enough);
+- the model moves from theta0 faster than a step along the direction can. To first order
+  log pi_alpha - log pi_0 = (1 + alpha) (log pi_1 - log pi_0), so
+  KL(candidate || theta0) = (1 + alpha)^2 KL(theta1 || theta0). The rule stops where the KL's
+  lower confidence bound exceeds KL_GROWTH times that (theta1's KL at its upper bound). It is a
+  ratio: the same at 0.01 nats on short answers and 20 nats on long ones, where the KL itself
+  measures length as much as change.
+
+The walk goes out from alpha = 0 on each side and stops at the first candidate that fails either
+test or collapsed; among those before it, the rule takes the one whose worst standardized gain
+over alpha = 0 (each scorer's mean difference in units of its own per-response spread on theta1,
+so reward models of any scale compare) is highest. With one scorer only the KL test guards
+against a reward model hacked along the direction itself; the sweep then says so and suggests a
+second, independently trained scorer.
+
+`reward-max` is the paper's rule: the highest mean reward, which a hacked reward model
+follows off a cliff. `kl-bound` charges each candidate the most a reward model's errors could
+contribute at its KL from theta0 (the Donsker-Varadhan bound):
 
     value = mean reward - sigma_e * sqrt(2 * KL(candidate || theta0))
 
-The reward model is r = r_true + e with an error e of standard deviation sigma_e per
-response. A policy whose KL from the reference is D can raise the mean of e by at most
-sigma_e * sqrt(2 D) (the Donsker-Varadhan bound, exact for Gaussian e), so the value is
-a lower bound on the true gain: what the reward model reports, less the most its errors
-could have contributed at that KL. It is read off the reward-KL curve and needs nothing
-a user lacks: the scores, and the log-probabilities of the sampled responses under the
-candidate and under theta0. KL is a sampled estimate, so the distance charged is its upper
-confidence bound (`kl_distance`): a distance the samples cannot tell from zero is not zero.
-sigma_e follows from the reward model's pairwise accuracy
-with Gaussian true rewards and errors: accuracy = 1/2 + arctan(sd_true / sigma_e) / pi,
-and sd_true^2 + sigma_e^2 is the variance of its scores, so
-sigma_e = sd_scores * cos(pi * (accuracy - 1/2)). The default accuracy, 0.75, is about
-what open 7B reward models reach on held-out preference pairs; set your own measured one.
+safe, and blind to scale: sequence-level KL grows with answer length, so on 7B chat models
+(nats to tens of nats) it keeps alpha 0. sigma_e follows from the reward model's pairwise
+accuracy with Gaussian true rewards and errors: sigma_e = sd_scores * cos(pi * (accuracy - 1/2)).
+KL is a sampled estimate: a rule charges its upper confidence bound (`kl_distance`) and tests its
+lower one, so a distance the samples cannot tell from zero never counts as zero.
 """
 
 import math
 from dataclasses import dataclass
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 from expo_eval.records import CandidateResult
 from mergekit_expo.errors import ExpoError
 
-Rule = Literal["kl-bound", "reward-max"]
-RULES = ("kl-bound", "reward-max")
+Rule = Literal["agreement", "kl-bound", "reward-max"]
+RULES = ("agreement", "kl-bound", "reward-max")
+DEFAULT_RULE: Rule = "agreement"
 DEFAULT_REWARD_ACCURACY = 0.75
 # Standard errors in every confidence statement on a KL estimate: one this far below zero is not
 # a distance (KL >= 0; the responses sampled with temperature, top-k/top-p and penalties are not
 # draws from the models scored), and the distance charged is the estimate plus this many.
 KL_Z = 2.0
+# How much faster than the first-order (1 + alpha)^2 KL(theta1 || theta0) the KL may grow before
+# the step is no longer along the direction alignment took: a factor, not a distance.
+KL_GROWTH = 2.0
+# A scorer has turned down when its mean is this many standard errors of the difference below
+# its best on the way out from alpha = 0.
+FALL_Z = 2.0
 
 
 class SelectionError(ExpoError, ValueError):
@@ -44,11 +65,16 @@ class SelectionError(ExpoError, ValueError):
 
 @dataclass(frozen=True)
 class Selection:
-    """The rule that chooses alpha, on which scorer, with the reward model's accuracy."""
+    """The rule that chooses alpha; `scorer` is the reward model single-scorer rules use,
+    `others` the further scorers `agreement` also asks; the reward model's accuracy (kl-bound);
+    agreement's two tolerances (infinite: that test is off, as the demo's ablations need)."""
 
     scorer: str
-    rule: Rule = "kl-bound"
+    rule: Rule = DEFAULT_RULE
     reward_accuracy: float = DEFAULT_REWARD_ACCURACY
+    others: Tuple[str, ...] = ()
+    kl_growth: float = KL_GROWTH
+    fall_z: float = FALL_Z
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -57,37 +83,67 @@ class Selection:
         if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0.5 <= accuracy <= 1:
             raise ValueError(f"reward_accuracy is a pairwise accuracy in [0.5, 1], got {self.reward_accuracy}")
 
+    @property
+    def scorers(self) -> Tuple[str, ...]:
+        """The scorers this rule reads."""
+        return (self.scorer, *self.others) if self.rule == "agreement" else (self.scorer,)
+
     def error_sd(self, baseline: Optional[CandidateResult]) -> float:
         """sigma_e: the scorer's per-response spread on alpha = 0 (theta1), times the share
         of it that is error at the given pairwise accuracy."""
         if baseline is None:
-            raise SelectionError("the kl-bound rule needs alpha = 0 on the select prompts")
-        spread = baseline.scores[self.scorer].stderr * math.sqrt(baseline.n)
-        return spread * math.cos(math.pi * (self.reward_accuracy - 0.5))
+            raise SelectionError(f"the {self.rule} rule needs alpha = 0 on the select prompts")
+        return spread(baseline, self.scorer) * math.cos(math.pi * (self.reward_accuracy - 0.5))
 
     def value(self, result: CandidateResult, baseline: Optional[CandidateResult]) -> Optional[float]:
         """What the rule maximizes for one candidate (baseline: alpha = 0 on the same prompts);
-        None for a candidate kl-bound cannot rate: its KL estimate is not a distance."""
+        None for a candidate kl-bound cannot rate: its KL estimate is not a distance.
+        For `agreement` the value is the worst standardized gain; whether the candidate is on
+        the path at all is `path`'s to say."""
         mean = result.score(self.scorer)
         if self.rule == "reward-max":
             return mean
-        if result.kl is None:
-            raise SelectionError(
-                f"{result.label} has no KL estimate (log-probabilities missing); "
-                "the kl-bound rule needs one, or choose with --select reward-max"
-            )
-        distance = kl_distance(result, baseline)
+        if self.rule == "agreement":
+            return worst_gain(result, baseline, self.scorers)
+        distance = kl_distance(needs_kl(result, self.rule), baseline)
         if distance is None:
             return mean if result.alpha == 0 else None  # theta1 itself needs no distance to be chosen
         return mean - self.error_sd(baseline) * math.sqrt(2 * distance)
 
+    def path(self, candidates: List[CandidateResult], baseline: Optional[CandidateResult]) -> Tuple[List[CandidateResult], List[str]]:
+        """`agreement`'s walk out from alpha = 0 on each side: the candidates before the first that
+        collapsed, had a scorer turn down, or grew its KL faster than first order; and why each
+        side stopped."""
+        if baseline is None:
+            raise SelectionError(f"the {self.rule} rule needs alpha = 0 on the select prompts")
+        needs_kl(baseline, self.rule)
+        kept, stops = [baseline], []
+        for side in (1, -1):
+            best = {scorer: baseline for scorer in self.scorers}
+            for result in sorted((r for r in candidates if r.alpha is not None and r.alpha * side > 0), key=lambda r: abs(r.alpha)):
+                reason = stop_reason(needs_kl(result, self.rule), best, baseline, self.kl_growth, self.fall_z)
+                if reason is not None:
+                    stops.append(f"{self.rule} stopped at {result.label}: {reason}")
+                    break
+                kept.append(result)
+                best = {s: max(best[s], result, key=lambda r, s=s: r.score(s)) for s in self.scorers}
+        return kept, stops
+
     def problems(self, results: List[CandidateResult]) -> List[str]:
-        """Warnings where kl-bound could not do its job: no spread of scores to scale its penalty
-        (it then chose as reward-max does), or candidates whose KL estimate is not a distance
-        (each named, with why)."""
+        """Warnings where the rule could not do its job, or what it rests on: kl-bound's missing
+        spread or unplaceable KL estimates, agreement's stops and a single scorer."""
+        baseline = baseline_of(results)
+        if self.rule == "agreement":
+            select = [r for r in results if r.split == "select" and r.alpha is not None]
+            notes = [] if baseline is None else self.path(select, baseline)[1]
+            if len(self.scorers) == 1:
+                notes.append(
+                    f"agreement had one scorer ({self.scorer}): only the KL test guards against it being hacked along "
+                    "the direction alignment took; add a second reward model trained on other data (--reward-model)"
+                )
+            return notes
         if self.rule != "kl-bound":
             return []
-        baseline = baseline_of(results)
         flat = [] if baseline is None or self.error_sd(baseline) > 0 else [
             f"kl-bound had no spread of {self.scorer}'s scores on alpha=0 ({baseline.n} prompts) to scale its "
             "KL penalty, so it chose as reward-max does: give more prompts"
@@ -102,28 +158,103 @@ class Selection:
         ]
 
     def annotate(self, results: List[CandidateResult]) -> List[CandidateResult]:
-        """Copies of the results with `selection_value` set on the select-split alphas."""
+        """Copies of the results with `selection_value` set on the select-split alphas (None off
+        agreement's path)."""
         baseline = baseline_of(results)
+        select = [r for r in results if r.split == "select" and r.alpha is not None]
+        on_path = {r.alpha for r in self.path(select, baseline)[0]} if self.rule == "agreement" else None
         return [
-            r.model_copy(update={"selection_value": self.value(r, baseline)})
+            r.model_copy(update={"selection_value": self.value(r, baseline) if on_path is None or r.alpha in on_path else None})
             if r.split == "select" and r.alpha is not None
             else r
             for r in results
         ]
 
     def best(self, candidates: List[CandidateResult], baseline: Optional[CandidateResult]) -> Optional[CandidateResult]:
-        """The candidate `preference` ranks first by this rule's value; None when it rates none."""
-        rated = [(value, r) for r in candidates for value in [self.value(r, baseline)] if value is not None]
+        """The candidate `preference` ranks first by this rule's value; None when it rates none.
+        Collapsed candidates are never chosen (and end agreement's walk)."""
+        if self.rule == "agreement":
+            candidates = self.path(candidates, baseline)[0]
+        rated = [
+            (value, r) for r in candidates if not r.collapsed for value in [self.value(r, baseline)] if value is not None
+        ]
         return max(rated, key=lambda pair: preference(pair[0], pair[1].alpha), default=(None, None))[1]
 
     def describe(self) -> str:
         if self.rule == "reward-max":
             return f"reward-max (the highest mean of {self.scorer})"
+        if self.rule == "agreement":
+            return (
+                f"agreement of {', '.join(self.scorers)} (out from alpha 0 while no scorer falls more than {self.fall_z:g} SE "
+                f"below its best and KL(candidate || theta0) stays within {self.kl_growth:g}x its first-order "
+                "(1 + alpha)^2 KL(theta1 || theta0); then the highest worst standardized gain)"
+            )
         return (
             f"kl-bound (the mean of {self.scorer} less sigma_e * sqrt(2 KL(candidate || theta0)), "
             f"KL at its upper confidence bound max(KL, 0) + {KL_Z:g} SE, "
             f"sigma_e for a pairwise accuracy of {self.reward_accuracy:g})"
         )
+
+
+def spread(result: CandidateResult, scorer: str) -> float:
+    """A scorer's per-response standard deviation on one candidate."""
+    return result.scores[scorer].stderr * math.sqrt(result.n)
+
+
+def needs_kl(result: CandidateResult, rule: str) -> CandidateResult:
+    if result.kl is None:
+        raise SelectionError(
+            f"{result.label} has no KL estimate (log-probabilities missing); "
+            f"the {rule} rule needs one, or choose with --select reward-max"
+        )
+    return result
+
+
+def worst_gain(result: CandidateResult, baseline: Optional[CandidateResult], scorers: Sequence[str]) -> float:
+    """The smallest of the scorers' gains over alpha = 0, each in units of that scorer's
+    per-response spread on alpha = 0 (a scorer with no spread counts in its own units)."""
+    if baseline is None:
+        raise SelectionError("choosing needs alpha = 0 on the select prompts")
+    return min((result.score(s) - baseline.score(s)) / (spread(baseline, s) or 1.0) for s in scorers)
+
+
+def stop_reason(
+    result: CandidateResult, best: Dict[str, CandidateResult], baseline: CandidateResult, growth: float, fall_z: float
+) -> Optional[str]:
+    """Why `agreement` goes no further than `result` (None: it may): a collapse, a KL estimate that
+    is not a distance (`kl_problem`), a scorer falling below its best so far (`best`, by scorer), or
+    a KL above `growth` times first order."""
+    if result.collapsed:
+        return "collapsed (" + "; ".join(result.collapse_reasons) + ")"
+    problem = kl_problem(result, baseline)
+    if problem is not None:
+        return problem
+    for scorer, top in best.items():
+        drop = top.score(scorer) - result.score(scorer)
+        stderr = math.hypot(result.scores[scorer].stderr, top.scores[scorer].stderr)
+        if drop > fall_z * stderr and drop > 0:
+            return f"{scorer} fell from {top.score(scorer):.3g} at {top.label} to {result.score(scorer):.3g} ({drop / stderr if stderr else math.inf:.1f} SE)"
+    theta1 = kl_distance(baseline, baseline)
+    ratio = kl_growth(result, theta1)
+    if ratio is not None and ratio > growth:
+        return (
+            f"KL(candidate || theta0) {result.kl:.3g} ± {result.kl_stderr or 0:.2g} is {ratio:.1f}x the first-order "
+            f"(1 + alpha)^2 KL(theta1 || theta0) (at most {(1 + result.alpha) ** 2 * theta1:.3g} nats)"
+        )
+    return None
+
+
+def kl_growth(result: CandidateResult, theta1: Optional[float]) -> Optional[float]:
+    """The candidate's KL from theta0 at its lower confidence bound, over the first-order
+    (1 + alpha)^2 times theta1's at its upper bound; None where there is nothing to compare
+    (no finite estimate, or both sides zero)."""
+    kl, stderr = result.kl, result.kl_stderr or 0.0
+    if theta1 is None or kl is None or not (math.isfinite(kl) and math.isfinite(stderr)):
+        return None
+    lower, expected = kl - KL_Z * stderr, (1 + result.alpha) ** 2 * theta1
+    if lower <= 0:
+        return 0.0
+    return lower / expected if expected > 0 else math.inf
 
 
 def preference(value: float, alpha: float) -> tuple:

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Literal, Sequence, Tuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +26,10 @@ from expo_eval.files import write_text
 from expo_eval.sweep import digest
 
 EXAMPLES = 4  # test responses kept per reported alpha, for the report
+# Reward models per run, each from its own half of the reward pairs and its own seed: the
+# independent scorers that the agreement rule asks, and that an ensemble needs.
+REWARD_MODELS = ("a", "b")
+CURRICULUM_BATCH = 64  # the short regime's SFT batch: what taught its model to copy nouns
 
 
 class DemoSettings(BaseModel):
@@ -34,10 +38,19 @@ class DemoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = 0
+    # which answers the task asks for (expo_eval.demo.task.SHAPES)
+    shape: Literal["short", "long"] = "short"
     # tiny llama: width, layers, feed-forward width (about 0.88M parameters)
     model_size: Tuple[int, int, int] = (128, 4, 384)
     # gentle SFT: 20k examples made DPO's later checkpoints unstable under extrapolation
     sft_examples: int = 10000
+    # A long-shape SFT first trains on this many short answers (batch 64), then on its own examples
+    # with `copy_examples` short ones mixed in: one epoch of long answers alone, or mixed with
+    # short ones, learned the format but not to copy the prompt's nouns.
+    curriculum_examples: int = 0
+    copy_examples: int = 0
+    # training truncation, in tokens: above the longest prompt + answer
+    max_length: int = 64
     sft_learning_rate: float = 1e-3
     sft_batch_size: int = 64
     # prompts sampled twice by the SFT model; pairs with equal ground truth are dropped
@@ -53,17 +66,45 @@ class DemoSettings(BaseModel):
     dpo_batch_size: int = 32
     dpo_warmup: float = 0.1
     fractions: Tuple[float, ...] = (0.1, 0.2, 0.4, 1.0)
-    dev_prompts: int = 512
-    test_prompts: int = 512
+    # every alpha is evaluated on both: 256 each keeps the main job within its time
+    dev_prompts: int = 256
+    test_prompts: int = 256
     alphas: Tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
     # the longest well-formed answer is 21 tokens with EOS
     max_new_tokens: int = 32
     sample_batch_size: int = 256
 
 
-FULL = DemoSettings()
-FULL_SEEDS = (0, 1, 2)  # evidence on choosing alpha needs more than one training run
-QUICK = DemoSettings(
+SHORT = DemoSettings()
+# Long answers (90-150 tokens): the regime of chat models, where KL(theta1 || theta0) is nats.
+# Fewer, longer examples: a sequence costs about six short ones to train on and to sample.
+LONG = DemoSettings(
+    shape="long",
+    curriculum_examples=10000,
+    sft_examples=3000,
+    copy_examples=3000,
+    sft_batch_size=32,
+    max_length=160,
+    pair_prompts=2000,
+    pair_max_new_tokens=128,
+    # About 700 pairs each: batch 8 gives the reward models the short regime's number of steps
+    # (at batch 32 both scored every long answer alike).
+    reward_batch_size=8,
+    dpo_pairs=2000,
+    # 2e-5 left KL(theta1 || theta0) at 0.01 nats until 40% of the epoch; 1e-4 broke the 10%
+    # checkpoint's answers at alpha 0.25.
+    dpo_learning_rate=5e-5,
+    dpo_batch_size=16,
+    dev_prompts=128,
+    test_prompts=128,
+    alphas=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+    # a well-formed answer is 111 tokens with EOS
+    max_new_tokens=128,
+    sample_batch_size=128,
+)
+REGIMES = {"short": SHORT, "long": LONG}
+FULL_SEEDS = (0, 1, 2)  # the evidence on choosing alpha; the main job runs seed 0
+QUICK_SHORT = DemoSettings(
     model_size=(64, 2, 128),
     sft_examples=2000,
     sft_batch_size=32,
@@ -74,14 +115,30 @@ QUICK = DemoSettings(
     test_prompts=16,
     alphas=(0.5, 2.0, 8.0),
 )
+QUICK = {
+    "short": QUICK_SHORT,
+    "long": QUICK_SHORT.model_copy(
+        update=dict(
+            shape="long", curriculum_examples=400, sft_examples=100, copy_examples=100, max_length=160,
+            pair_prompts=120, pair_max_new_tokens=64, dpo_pairs=64, max_new_tokens=64, alphas=(2.0,),
+            # 16 DPO steps: with 4, the 10% and 20% saves fall on step 1, whose warmup learning rate is 0
+            dpo_batch_size=4,
+        )
+    ),
+}
 
 # The settings each stage depends on (besides the stages before it).
 STAGE_FIELDS: Dict[str, Tuple[str, ...]] = {
-    "task": ("seed", "sft_examples", "pair_prompts", "dev_prompts", "test_prompts"),
-    "sft": ("seed", "model_size", "sft_learning_rate", "sft_batch_size"),
+    "task": (
+        "seed", "shape", "sft_examples", "curriculum_examples", "copy_examples", "pair_prompts", "dev_prompts",
+        "test_prompts",
+    ),
+    "sft": ("seed", "model_size", "sft_learning_rate", "sft_batch_size", "max_length"),
     "pairs": ("seed", "pair_max_new_tokens"),
-    "reward_model": ("seed", "reward_learning_rate", "reward_batch_size"),
-    "dpo": ("seed", "dpo_pairs", "dpo_learning_rate", "dpo_beta", "dpo_batch_size", "dpo_warmup", "fractions"),
+    "reward_model": ("seed", "reward_learning_rate", "reward_batch_size", "max_length"),
+    "dpo": (
+        "seed", "dpo_pairs", "dpo_learning_rate", "dpo_beta", "dpo_batch_size", "dpo_warmup", "fractions", "max_length"
+    ),
     "sweep": ("alphas", "max_new_tokens", "sample_batch_size"),
     "report": (),
 }
@@ -156,7 +213,7 @@ class Layout:
         self.task = root / "task"
         self.sft = root / "sft"
         self.pairs = root / "pairs"
-        self.reward_model = root / "reward_model"
+        self.reward_models = [root / "reward_models" / name for name in REWARD_MODELS]
         self.dpo = root / "dpo"
         self.recipes = root / "recipes"
         self.sweeps = root / "sweeps"
@@ -164,6 +221,9 @@ class Layout:
         self.report = root / "report.md"
         self.summary = root / "summary.json"
         self.plots = root / "plots"
+
+    def reward_pairs(self, index: int) -> Path:
+        return self.pairs / f"reward_{REWARD_MODELS[index]}.jsonl"
 
     def checkpoint(self, fraction: float) -> Path:
         return self.dpo / checkpoint_name(fraction)
@@ -227,16 +287,20 @@ class Stages:
 def make_task(layout: Layout, settings: DemoSettings) -> None:
     """SFT examples, prompts to sample preference pairs on, and dev/test prompt files."""
     rng = random.Random(settings.seed)
-    held_out = task.unique_noun_sets(rng, settings.dev_prompts + settings.test_prompts)
+    shape = task.SHAPES[settings.shape]
+    held_out = task.unique_noun_sets(rng, settings.dev_prompts + settings.test_prompts, shape)
     dev, test = held_out[: settings.dev_prompts], held_out[settings.dev_prompts :]
-    write_jsonl(layout.task / "dev.jsonl", [{"prompt": task.prompt_text(n)} for n in dev])
-    write_jsonl(layout.task / "test.jsonl", [{"prompt": task.prompt_text(n)} for n in test])
-    sft = []
-    for _ in range(settings.sft_examples):
-        nouns = task.sample_nouns(rng)
-        sft.append({"prompt": task.prompt_text(nouns), "answer": task.reference_answer(nouns, rng)})
+    write_jsonl(layout.task / "dev.jsonl", [{"prompt": shape.prompt_text(n)} for n in dev])
+    write_jsonl(layout.task / "test.jsonl", [{"prompt": shape.prompt_text(n)} for n in test])
+    def examples(count: int, kind: task.Shape) -> List[dict]:
+        drawn = [kind.sample_nouns(rng) for _ in range(count)]
+        return [{"prompt": kind.prompt_text(n), "answer": task.reference_answer(n, rng, kind)} for n in drawn]
+
+    write_jsonl(layout.task / "curriculum.jsonl", examples(settings.curriculum_examples, task.SHORT))
+    sft = examples(settings.sft_examples, shape) + examples(settings.copy_examples, task.SHORT)
+    rng.shuffle(sft)
     write_jsonl(layout.task / "sft.jsonl", sft)
-    pair_prompts = [{"prompt": task.prompt_text(task.sample_nouns(rng))} for _ in range(settings.pair_prompts)]
+    pair_prompts = [{"prompt": shape.prompt_text(shape.sample_nouns(rng))} for _ in range(settings.pair_prompts)]
     write_jsonl(layout.task / "pair_prompts.jsonl", pair_prompts)
     task.build_tokenizer().save_pretrained(str(layout.task / "tokenizer"))
 
@@ -250,18 +314,30 @@ def tokenizer(layout: Layout):
 
 
 def make_sft(layout: Layout, settings: DemoSettings) -> None:
+    """SFT on the task's examples; a curriculum of short answers first where the settings ask for one."""
     from expo_eval.demo import train
 
-    rows = read_jsonl(layout.task / "sft.jsonl")
-    train.train_sft(
-        layout.sft,
-        tokenizer(layout),
-        [(row["prompt"], row["answer"]) for row in rows],
-        seed=settings.seed,
-        size=settings.model_size,
-        learning_rate=settings.sft_learning_rate,
-        batch_size=settings.sft_batch_size,
-    )
+    def phase(out: Path, rows: List[dict], batch_size: int, start=None) -> None:
+        train.train_sft(
+            out,
+            tokenizer(layout),
+            [(row["prompt"], row["answer"]) for row in rows],
+            seed=settings.seed,
+            size=settings.model_size,
+            learning_rate=settings.sft_learning_rate,
+            batch_size=batch_size,
+            max_length=settings.max_length,
+            start=start,
+        )
+
+    curriculum = read_jsonl(layout.task / "curriculum.jsonl")
+    start = None
+    if curriculum:
+        start = layout.root / "sft_curriculum"
+        phase(start, curriculum, CURRICULUM_BATCH)
+    phase(layout.sft, read_jsonl(layout.task / "sft.jsonl"), settings.sft_batch_size, start)
+    if start is not None:
+        shutil.rmtree(start)
 
 
 def make_pairs(layout: Layout, settings: DemoSettings) -> None:
@@ -276,23 +352,28 @@ def make_pairs(layout: Layout, settings: DemoSettings) -> None:
     pairs = train.preference_pairs(prompts, first, second)
     write_jsonl(layout.pairs / "preference.jsonl", pairs)
     reward_half = pairs[: len(pairs) // 2]
-    # Broken copies of half of them: enough for the reward model to punish broken text.
-    reward_pairs = reward_half + train.format_pairs(reward_half[: len(reward_half) // 2], seed=settings.seed)
-    random.Random(settings.seed).shuffle(reward_pairs)
-    write_jsonl(layout.pairs / "reward.jsonl", reward_pairs)
+    # Each reward model its own quarter of the pairs, plus broken copies of half of its own:
+    # enough for it to punish broken text, and no pair in common.
+    share = len(reward_half) // len(REWARD_MODELS)
+    for index in range(len(REWARD_MODELS)):
+        own = reward_half[index * share : (index + 1) * share]
+        reward_pairs = own + train.format_pairs(own[: len(own) // 2], seed=settings.seed + index)
+        random.Random(settings.seed + index).shuffle(reward_pairs)
+        write_jsonl(layout.reward_pairs(index), reward_pairs)
 
 
-def make_reward_model(layout: Layout, settings: DemoSettings) -> None:
+def make_reward_model(layout: Layout, settings: DemoSettings, index: int) -> None:
     from expo_eval.demo import train
 
     train.train_reward_model(
-        layout.reward_model,
+        layout.reward_models[index],
         layout.sft,
         tokenizer(layout),
-        read_jsonl(layout.pairs / "reward.jsonl"),
-        seed=settings.seed,
+        read_jsonl(layout.reward_pairs(index)),
+        seed=settings.seed + index,
         learning_rate=settings.reward_learning_rate,
         batch_size=settings.reward_batch_size,
+        max_length=settings.max_length,
     )
 
 
@@ -310,6 +391,7 @@ def make_dpo(layout: Layout, settings: DemoSettings) -> None:
         learning_rate=settings.dpo_learning_rate,
         batch_size=settings.dpo_batch_size,
         warmup=settings.dpo_warmup,
+        max_length=settings.max_length,
         work=layout.dpo,
     )
 
@@ -339,7 +421,8 @@ def sweep_config(layout: Layout, settings: DemoSettings, fraction: float, includ
         select_prompts=str(layout.task / "dev.jsonl"),
         report_prompts=str(layout.task / "test.jsonl"),
         alphas=list(settings.alphas),
-        reward_models=[str(layout.reward_model), GROUND_TRUTH],
+        reward_models=[*map(str, layout.reward_models), GROUND_TRUTH],
+        select_with=[str(path) for path in layout.reward_models],
         include_sft=include_sft,
         device="cpu",
         sampling=SamplingConfig(
@@ -364,11 +447,11 @@ def make_sweep(layout: Layout, settings: DemoSettings, fraction: float, include_
     sweep = Sweep(sweep_config(layout, settings, fraction, include_sft))
     outcome = sweep.run()
     dev = [r for r in outcome.results if r.split == "select"]
-    alphas = rules.choices(dev, str(layout.reward_model), settings.dpo_beta)
+    alphas = rules.choices(dev, [str(path) for path in layout.reward_models], settings.dpo_beta)
     assert alphas[rules.DEFAULT] == outcome.chosen.alpha, "the sweep and the demo disagree on the default rule"
     results = {(r.alpha, r.split): r for r in outcome.results}
-    for alpha in dict.fromkeys(alphas.values()):
-        results[(alpha, "report")] = sweep.evaluate(alpha, "report")
+    for r in dev:  # every alpha on the test prompts: any rule's choice can be checked there
+        results[(r.alpha, "report")] = sweep.evaluate(r.alpha, "report")
     summary = {
         "checkpoint": checkpoint_name(fraction),
         "fraction": fraction,
@@ -416,12 +499,18 @@ def run_seed(layout: Layout, settings: DemoSettings, force: bool, echo: Callable
     stages.run("task", [], [layout.task], lambda: make_task(layout, settings))
     stages.run("sft", ["task"], [layout.sft], lambda: make_sft(layout, settings))
     stages.run("pairs", ["sft"], [layout.pairs], lambda: make_pairs(layout, settings))
-    stages.run("reward_model", ["pairs"], [layout.reward_model], lambda: make_reward_model(layout, settings))
+    for index, path in enumerate(layout.reward_models):
+        stages.run(
+            f"reward_model:{REWARD_MODELS[index]}",
+            ["pairs"],
+            [path],
+            lambda index=index: make_reward_model(layout, settings, index),
+        )
     stages.run("dpo", ["pairs"], [layout.dpo], lambda: make_dpo(layout, settings))
     for index, fraction in enumerate(settings.fractions):
         stages.run(
             f"sweep:{checkpoint_name(fraction)}",
-            ["task", "reward_model", "dpo"],
+            ["task", *(f"reward_model:{name}" for name in REWARD_MODELS), "dpo"],
             [layout.sweeps / checkpoint_name(fraction)],
             lambda fraction=fraction, first=index == 0: make_sweep(layout, settings, fraction, first),
         )
@@ -433,16 +522,10 @@ def seed_layouts(out: Path, seeds: Sequence[int]) -> List[Layout]:
     return [Layout(out if index == 0 else out / "seeds" / str(seed)) for index, seed in enumerate(seeds)]
 
 
-def run_demo(
-    out: Path,
-    settings: DemoSettings = FULL,
-    seeds: Sequence[int] = (0,),
-    force: bool = False,
-    echo: Callable[[str], None] = print,
+def run_regime(
+    out: Path, settings: DemoSettings, seeds: Sequence[int], force: bool, echo: Callable[[str], None] = print
 ) -> dict:
-    """Run (or reuse) every stage for every seed; returns the summary the report was made from."""
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"give distinct seeds, got {list(seeds)}")
+    """Run (or reuse) every stage of one regime for every seed; returns the summary its report was made from."""
     quiet_libraries()
     layouts = seed_layouts(Path(out), seeds)
     runs = []
@@ -472,6 +555,40 @@ def run_demo(
     summary = json.loads(layouts[0].summary.read_text())
     summary["timings"] = first.timings
     return summary
+
+
+def _run_regime_logged(name: str, out: Path, settings: DemoSettings, seeds: Sequence[int], force: bool) -> dict:
+    """run_regime in a worker process, its log lines prefixed with the regime."""
+    return run_regime(out, settings, seeds, force, lambda line: print(f"[{name}] {line}", flush=True))
+
+
+def run_demo(
+    out: Path,
+    regimes: Dict[str, DemoSettings] = REGIMES,
+    seeds: Sequence[int] = (0,),
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    workers: int = 2,
+) -> Dict[str, dict]:
+    """Every regime under DIR/<regime>, on up to `workers` processes at once (each stage runs on
+    THREADS threads whatever the process count, so the figures do not depend on it), then
+    DIR/report.md over all of them. Returns each regime's summary."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"give distinct seeds, got {list(seeds)}")
+    out = Path(out)
+    jobs = {name: (name, out / name, settings, tuple(seeds), force) for name, settings in regimes.items()}
+    if workers <= 1 or len(jobs) == 1:
+        summaries = {name: run_regime(*job[1:], echo=lambda line, name=name: echo(f"[{name}] {line}")) for name, job in jobs.items()}
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+            futures = {name: pool.submit(_run_regime_logged, *job) for name, job in jobs.items()}
+            summaries = {name: future.result() for name, future in futures.items()}
+    report.write_overview(out, summaries)
+    return summaries
 
 
 def load_summaries(layout: Layout, settings: DemoSettings) -> List[dict]:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 if TYPE_CHECKING:  # the pipeline calls this module; it passes what the report needs
     from expo_eval.demo.pipeline import DemoSettings, Layout
 
-from expo_eval.demo.rules import DEFAULT, DESCRIPTIONS, GROUND_TRUTH, ORACLE, PAPER_RULE
+from expo_eval.demo import task
+from expo_eval.demo.rules import DEFAULT, DESCRIPTIONS, GROUND_TRUTH, ORACLE, PAPER_RULE, RULE_ORDER
 from expo_eval.files import write_atomic, write_text
 from expo_eval.records import CandidateResult
 
@@ -20,12 +21,17 @@ from expo_eval.records import CandidateResult
 PAPER_SFT_REWARD = 3.42
 PAPER = {0.1: (3.97, 6.57, 8.0), 0.2: (4.70, 6.95, 2.5), 0.4: (5.77, 6.75, 0.5), 1.0: (6.16, 6.52, 0.3)}
 SIGNIFICANCE = 2.0  # standard errors
+# The goal for the default rule (issue 18), per regime: never clearly below alpha 0, within one
+# standard error of the oracle in at least this share of cases (10 of 12), and short of it by at most
+# this much on average.
+GOAL_WITHIN_SHARE = 10 / 12
+GOAL_MEAN_SHORTFALL = 0.05
 
 
 class Checkpoint:
     """One DPO checkpoint's sweep, as the demo summarized it."""
 
-    def __init__(self, summary: dict, reward_model: str):
+    def __init__(self, summary: dict, reward_models: List[str]):
         self.name = summary["checkpoint"]
         self.fraction = summary["fraction"]
         self.seed = summary["seed"]
@@ -35,7 +41,8 @@ class Checkpoint:
         self.alpha_default = self.alphas[DEFAULT]
         self.flags = summary["flags"]
         self.examples = summary.get("examples", {})
-        self.reward_model = reward_model
+        self.reward_models = reward_models
+        self.reward_model = reward_models[0]  # the one single-scorer rules choose with
         self.results = {
             (r.alpha, r.split): r for r in map(CandidateResult.model_validate, summary["results"])
         }
@@ -299,9 +306,6 @@ def claims(checkpoints: List[Checkpoint]) -> List[dict]:
 
 # -- choosing alpha, over seeds ----------------------------------------------------------
 
-RULE_ORDER = (DEFAULT, PAPER_RULE, "kl-penalty", "one-se", ORACLE)
-
-
 def tally(rule: str, checkpoints: List[Checkpoint]) -> dict:
     """How often `rule`'s alpha fell clearly below alpha 0, how often it came within one
     standard error of the oracle's, and how far below the oracle it was on average."""
@@ -339,6 +343,14 @@ def rule_outcomes(runs: List[List[Checkpoint]]) -> Dict[str, dict]:
     return outcomes
 
 
+def goal_met(outcome: dict) -> bool:
+    return (
+        outcome["below_alpha_0"] == 0
+        and outcome["within_one_se_of_oracle"] >= GOAL_WITHIN_SHARE * outcome["cases"] - 1e-9
+        and outcome["mean_shortfall"] <= GOAL_MEAN_SHORTFALL
+    )
+
+
 def by_seed(outcome: dict, field: str, form: str = "{}") -> str:
     """' (3, 3, 2)': `field` per seed, when there is more than one."""
     seeds = outcome["by_seed"].values()
@@ -350,7 +362,13 @@ def evidence_rows(runs: List[List[Checkpoint]]) -> List[Dict[str, str]]:
     rows = []
     for checkpoints in runs:
         for c in checkpoints:
-            row = {"seed": str(c.seed), "checkpoint": c.title, "alpha 0": _truth(c, 0.0)}
+            theta1 = c.results[(0.0, "select")]
+            row = {
+                "seed": str(c.seed),
+                "checkpoint": c.title,
+                "KL(theta1 || theta0)": f"{theta1.kl:.2f} ± {theta1.kl_stderr or 0:.2f}",
+                "alpha 0": _truth(c, 0.0),
+            }
             for rule in RULE_ORDER:
                 row[rule] = f"{c.alphas[rule]:g}: {_truth(c, c.alphas[rule])}"
             rows.append(row)
@@ -367,34 +385,27 @@ def evidence_lines(runs: List[List[Checkpoint]], outcomes: Dict[str, dict]) -> L
     lines = [
         "## Choosing alpha: each rule against the ground truth, over seeds",
         "",
-        f"Seeds {seeds}: each seed trains its own SFT model, reward model and DPO checkpoints and samples "
+        f"Seeds {seeds}: each seed trains its own SFT model, reward models and DPO checkpoints and samples "
         "with its own stream. Every rule chooses on the dev prompts from the same sweep; each cell is "
-        "`alpha: ground truth on the test prompts` (mean ± standard error). The rules:",
+        "`alpha: ground truth on the test prompts` (mean ± standard error). KL(theta1 || theta0): the "
+        "checkpoint's KL from the SFT model in nats per response, on the dev prompts. The rules:",
         "",
         *(f"- `{rule}`: {DESCRIPTIONS[rule]}" for rule in RULE_ORDER),
         "",
         markdown_table(evidence_rows(runs)),
         f"Goal for the default: never below alpha 0 by more than noise ({SIGNIFICANCE:g} standard errors of "
-        "the difference), and within one standard error (of the difference) of the oracle.",
+        f"the difference), within one standard error (of the difference) of the oracle in at least "
+        f"{GOAL_WITHIN_SHARE:.0%} of the cases, and short of the oracle by at most {GOAL_MEAN_SHORTFALL:g} on average.",
         "",
         *(
             [f"In parentheses: seeds {seeds} one by one, the spread from one training run to the next.", ""]
             if len(runs) > 1
             else []
         ),
-        "| rule | clearly below alpha 0 | within one SE of the oracle | mean shortfall from the oracle |",
-        "|---|---|---|---|",
+        *outcome_table(outcomes),
     ]
-    for rule in RULE_ORDER:
-        o = outcomes[rule]
-        lines.append(
-            f"| `{rule}` | {o['below_alpha_0']} of {o['cases']}{by_seed(o, 'below_alpha_0')} "
-            f"| {o['within_one_se_of_oracle']} of {o['cases']}{by_seed(o, 'within_one_se_of_oracle')} "
-            f"| {o['mean_shortfall']:.3f}{by_seed(o, 'mean_shortfall', '{:.3f}')} |"
-        )
     default = outcomes[DEFAULT]
-    met = default["below_alpha_0"] == 0 and not default["misses"]
-    lines += ["", f"The default `{DEFAULT}` {'meets' if met else 'does not meet'} the goal here."]
+    lines += ["", f"The default `{DEFAULT}` {'meets' if goal_met(default) else 'does not meet'} the goal here."]
     lines += [f"- missed: {miss}" for miss in default["misses"]]
     return [*lines, ""]
 
@@ -470,21 +481,44 @@ def environment_text(environment: Dict[str, str]) -> str:
     return f"{libraries}, {environment['cpu_kernels']} CPU kernels, {threads} thread{'' if threads == '1' else 's'}"
 
 
+def task_text(settings: "DemoSettings") -> str:
+    shape = task.SHAPES[settings.shape]
+    low, high = shape.nouns
+    if shape.aspects:
+        sentences = (
+            f"an opening `the NOUN is ADJECTIVE .` and then `its ASPECT is ADJECTIVE .` for "
+            f"{', '.join(shape.aspects)}, in that order"
+        )
+    else:
+        sentences = "one sentence `the NOUN is ADJECTIVE .` each"
+    return (
+        f"`{shape.verb}` {low}-{high} nouns: {sentences}; ground truth +1/0/-1 per positive/neutral/negative "
+        "adjective, -1 per missing noun or aspect and per malformed, misplaced, repeated or off-topic sentence "
+        f"(`{GROUND_TRUTH}`)"
+    )
+
+
 def setup_lines(settings: "DemoSettings", layout: "Layout", sampling, environment: Dict[str, str]) -> List[str]:
     pairs = sum(1 for _ in (layout.pairs / "preference.jsonl").open())
-    reward_pairs = sum(1 for _ in (layout.pairs / "reward.jsonl").open())
+    reward_pairs = [sum(1 for _ in layout.reward_pairs(i).open()) for i in range(len(layout.reward_models))]
     width, layers, ffn = settings.model_size
+    copy = (
+        f", {settings.copy_examples} short `describe` ones mixed in, after a first epoch on "
+        f"{settings.curriculum_examples} short ones (copying the prompt's nouns is learned from them)"
+        if settings.curriculum_examples
+        else ""
+    )
     return [
-        f"- Task: describe 1-4 nouns, one sentence `the NOUN is ADJECTIVE .` each; ground truth "
-        "+1/0/-1 per positive/neutral/negative adjective, -1 per missing noun and per malformed, "
-        f"repeated or off-topic sentence (`{GROUND_TRUTH}`).",
+        f"- Task ({settings.shape} answers): {task_text(settings)}.",
         f"- Model: llama, width {width}, {layers} layers, feed-forward {ffn}; word-level tokenizer "
         "with a chat template. Everything trained here with TRL, on CPU.",
-        f"- SFT: {settings.sft_examples} examples, 1 epoch, lr {settings.sft_learning_rate:g}.",
+        f"- SFT: {settings.sft_examples} examples{copy}, 1 epoch, lr {settings.sft_learning_rate:g}.",
         f"- Preference pairs: two SFT samples per prompt, labelled by the ground truth, ties dropped: {pairs}.",
-        f"- Reward model (TRL RewardTrainer, a sequence classifier): {reward_pairs} pairs (half the "
-        "preference pairs, plus well-formed answers against truncated, rambling, duplicated or shuffled "
-        f"copies of themselves), 1 epoch, lr {settings.reward_learning_rate:g}.",
+        f"- Reward models a and b (TRL RewardTrainer, sequence classifiers, seeds {settings.seed} and "
+        f"{settings.seed + 1}): {' and '.join(map(str, reward_pairs))} pairs, each from its own quarter of the "
+        "preference pairs (no pair in common), plus well-formed answers against truncated, rambling, duplicated, "
+        f"shuffled or reordered copies of themselves; 1 epoch, lr {settings.reward_learning_rate:g}. `a` is the "
+        "reward model the single-scorer rules choose with.",
         f"- DPO (sigmoid loss, beta {settings.dpo_beta:g}, lr {settings.dpo_learning_rate:g}, batch "
         f"{settings.dpo_batch_size}) on {min(pairs, settings.dpo_pairs)} pairs, one epoch, saved at "
         + ", ".join(f"{f:.0%}" for f in settings.fractions) + ".",
@@ -529,7 +563,7 @@ def example_lines(c: Checkpoint) -> List[str]:
 
 def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sampling, environment, evidence) -> str:
     parts = [
-        "# ExPO demo: the paper's controlled experiment (Table 2) in miniature",
+        f"# ExPO demo, {settings.shape} answers: the paper's controlled experiment (Table 2) in miniature",
         "",
         "Made by `mergekit-expo demo`. ExPO: theta2 = theta1 + alpha * (theta1 - theta0), theta0 the SFT "
         "model, theta1 a DPO checkpoint (arXiv 2404.16792).",
@@ -538,7 +572,7 @@ def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sa
         "",
         f"## Results on the test prompts (seed {checkpoints[0].seed})",
         "",
-        "`reward model`: mean score of the demo's reward model, which also chose alpha, by the paper's rule "
+        "`reward model`: mean score of reward model `a`, which chose alpha by the paper's rule "
         f"(its highest mean, as RM-Mistral-7B did in the paper) and by the sweep's default `{DEFAULT}`. `ground truth`: the task's true reward, which the paper cannot measure. "
         "`never ends`: share of responses cut at the token limit. `paper`: Table 2 (RM-Mistral-7B reward, "
         "optimal alpha), for the shape only: the scales differ. Mean ± standard error.",
@@ -561,7 +595,7 @@ def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sa
         "",
         "- Here the first seed's run; `seeds/<seed>/` holds each further seed's, laid out the same way.",
         "- `task/`: prompts (SFT, pair sampling, dev, test) and the tokenizer",
-        "- `sft/`, `reward_model/`, `dpo/p10` ... `dpo/p100`: the trained models",
+        "- `sft/`, `reward_models/a`, `reward_models/b`, `dpo/p10` ... `dpo/p100`: the trained models",
         "- `pairs/`: preference pairs (DPO) and reward-model pairs",
         "- `recipes/`: one `expo` recipe per checkpoint; `sweeps/<checkpoint>/`: each sweep's "
         "results, generations, plots and `best.yaml`",
@@ -576,8 +610,8 @@ def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sa
 
 
 def build(layout: "Layout", summaries: List[dict]) -> Tuple[List[Checkpoint], CandidateResult, CandidateResult]:
-    reward_model = str(layout.reward_model)
-    checkpoints = [Checkpoint(s, reward_model) for s in summaries]
+    reward_models = [str(path) for path in layout.reward_models]
+    checkpoints = [Checkpoint(s, reward_models) for s in summaries]
     first = checkpoints[0]
     return checkpoints, first.results[(None, "report")], first.results[(None, "select")]
 
@@ -621,36 +655,101 @@ def write(
     )
 
 
-def print_summary(summary: dict, echo=print) -> None:
-    """The Table 2 analogue, the claims' verdicts and the stage timings, for the terminal."""
+def outcome_table(outcomes: Dict[str, dict]) -> List[str]:
+    """Per rule: clearly below alpha 0, within one SE of the oracle, mean shortfall (per seed in parentheses)."""
+    lines = [
+        "| rule | clearly below alpha 0 | within one SE of the oracle | mean shortfall from the oracle |",
+        "|---|---|---|---|",
+    ]
+    for rule in RULE_ORDER:
+        o = outcomes[rule]
+        lines.append(
+            f"| `{rule}` | {o['below_alpha_0']} of {o['cases']}{by_seed(o, 'below_alpha_0')} "
+            f"| {o['within_one_se_of_oracle']} of {o['cases']}{by_seed(o, 'within_one_se_of_oracle')} "
+            f"| {o['mean_shortfall']:.3f}{by_seed(o, 'mean_shortfall', '{:.3f}')} |"
+        )
+    return lines
+
+
+def write_overview(out, summaries: Dict[str, dict]) -> None:
+    """DIR/report.md and DIR/summary.json over the regimes: each one's evidence on choosing alpha,
+    the KL of its checkpoints, and where its full report is."""
+    from pathlib import Path
+
+    out = Path(out)
+    parts = [
+        "# ExPO demo: choosing alpha with short answers and with long ones",
+        "",
+        "Made by `mergekit-expo demo`. Each regime trains its own SFT model, two reward models and DPO "
+        "checkpoints, sweeps alpha with `mergekit-expo sweep`'s code, and measures every selection rule "
+        "against the task's ground truth on held-out test prompts. The full reports: "
+        + ", ".join(f"[{name}]({name}/report.md)" for name in summaries)
+        + ".",
+        "",
+        "The rules:",
+        "",
+        *(f"- `{rule}`: {DESCRIPTIONS[rule]}" for rule in RULE_ORDER),
+        "",
+    ]
+    for name, summary in summaries.items():
+        outcomes = summary["selection"]["outcomes"]
+        rows = summary["selection"]["rows"]
+        seeds = list(outcomes[DEFAULT]["by_seed"])
+        parts += [
+            f"## {name.capitalize()} answers (seeds {', '.join(seeds)})",
+            "",
+            f"KL(theta1 || theta0) per checkpoint, nats per response: "
+            + "; ".join(f"seed {row['seed']} {row['checkpoint'].removeprefix('DPO ').removesuffix(' of an epoch')} "
+                        f"{row['KL(theta1 || theta0)']}" for row in rows)
+            + ".",
+            "",
+            *(
+                [f"In parentheses: seeds {', '.join(seeds)} one by one.", ""] if len(seeds) > 1 else []
+            ),
+            *outcome_table(outcomes),
+            "",
+            f"The default `{DEFAULT}` {'meets' if goal_met(outcomes[DEFAULT]) else 'does not meet'} the goal here "
+            f"(never clearly below alpha 0, within one SE of the oracle in at least {GOAL_WITHIN_SHARE:.0%} of the "
+            f"cases, a mean shortfall of at most {GOAL_MEAN_SHORTFALL:g}).",
+            "",
+        ]
+    write_text(out / "report.md", "\n".join(parts))
+    overview = {name: {"selection": summary["selection"], "settings": summary["settings"]} for name, summary in summaries.items()}
+    write_text(out / "summary.json", json.dumps(overview, indent=2) + "\n")
+
+
+def print_summary(summaries: Dict[str, dict], echo=print) -> None:
+    """Per regime: the Table 2 analogue, the claims' verdicts, the rules against the ground truth
+    and the stage timings, for the terminal."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=max(Console().width, 120))
-    table = Table(title="ExPO demo: test prompts (cf. the paper's Table 2)")
-    for column in summary["table"][0]:
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for row in summary["table"]:
-        table.add_row(*row.values(), style=None if row["model"].startswith(" ") else "bold")
-    console.print(table)
-    for claim in summary["claims"]:
-        echo(f"- {claim['claim']}: {claim['verdict']}")
-    outcomes = summary["selection"]["outcomes"]
-    seeds = list(next(iter(outcomes.values()))["by_seed"])
-    spread = f" (in parentheses: seeds {', '.join(seeds)} one by one)" if len(seeds) > 1 else ""
-    echo(f"Choosing alpha, by the ground truth on test prompts over every seed and checkpoint{spread}:")
-    for rule, o in outcomes.items():
+    for name, summary in summaries.items():
+        table = Table(title=f"ExPO demo, {name} answers: test prompts (cf. the paper's Table 2)")
+        for column in summary["table"][0]:
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in summary["table"]:
+            table.add_row(*row.values(), style=None if row["model"].startswith(" ") else "bold")
+        console.print(table)
+        for claim in summary["claims"]:
+            echo(f"- {claim['claim']}: {claim['verdict']}")
+        outcomes = summary["selection"]["outcomes"]
+        seeds = list(next(iter(outcomes.values()))["by_seed"])
+        spread = f" (in parentheses: seeds {', '.join(seeds)} one by one)" if len(seeds) > 1 else ""
+        echo(f"Choosing alpha ({name} answers), by the ground truth on test prompts over every seed and checkpoint{spread}:")
+        for rule, o in outcomes.items():
+            echo(
+                f"  {rule}: clearly below alpha 0 in {o['below_alpha_0']} of {o['cases']}{by_seed(o, 'below_alpha_0')}, "
+                f"within one SE of the oracle in {o['within_one_se_of_oracle']} of {o['cases']}"
+                f"{by_seed(o, 'within_one_se_of_oracle')}, mean shortfall {o['mean_shortfall']:.3f}"
+                f"{by_seed(o, 'mean_shortfall', '{:.3f}')}"
+            )
+        echo(f"  KL(theta1 || theta0): " + ", ".join(f"{row['checkpoint'].removeprefix('DPO ').removesuffix(' of an epoch')} {row['KL(theta1 || theta0)']}" for row in summary["selection"]["rows"] if row["seed"] == seeds[0]))
+        timings = summary.get("timings", {})
+        ran = {stage: t for stage, t in timings.items() if not t["reused"]}
         echo(
-            f"  {rule}: clearly below alpha 0 in {o['below_alpha_0']} of {o['cases']}{by_seed(o, 'below_alpha_0')}, "
-            f"within one SE of the oracle in {o['within_one_se_of_oracle']} of {o['cases']}"
-            f"{by_seed(o, 'within_one_se_of_oracle')}, mean shortfall {o['mean_shortfall']:.3f}"
-            f"{by_seed(o, 'mean_shortfall', '{:.3f}')}"
+            f"Stage timings, {name} (wall s): "
+            + ", ".join(f"{stage} {t['wall_s']:.0f}{'' if stage in ran else ' (reused)'}" for stage, t in timings.items())
         )
-    echo(f"Reproducible bit for bit with {environment_text(summary['environment'])}.")
-    timings = summary.get("timings", {})
-    ran = {name: t for name, t in timings.items() if not t["reused"]}
-    echo(
-        "Stage timings (wall s): "
-        + ", ".join(f"{name} {t['wall_s']:.0f}{'' if name in ran else ' (reused)'}" for name, t in timings.items())
-    )
-    echo(f"This run: {sum(t['wall_s'] for t in ran.values()):.0f} s of stages.")
+    echo(f"Reproducible bit for bit with {environment_text(next(iter(summaries.values()))['environment'])}.")

@@ -1,30 +1,39 @@
 """The selection rules the demo measures against its ground truth.
 
-The sweep ships two (`expo_eval.selection`): kl-bound, its default, and the paper's
-reward-max. The demo also measures two simple alternatives that were considered and
-not kept, so the report shows why: DPO's own objective with its beta as the exchange
-rate between reward-model units and nats, and the one-standard-error rule toward a
-smaller alpha. The oracle is the ground truth's own choice on the same dev prompts.
+The sweep ships three (`expo_eval.selection`): agreement, its default; the paper's
+reward-max; kl-bound. The demo also measures the alternatives that were considered for
+the default and not kept, so the report shows why: agreement with one reward model (what a
+user with a single scorer gets), each of agreement's two tests alone, the ensemble's worst
+case (Coste et al. 2023), a KL penalty on the KL beyond the first-order path (kl-bound
+calibrated by theta1's own KL instead of a worst case), and DPO's own objective. The oracle
+is the ground truth's own choice on the same dev prompts.
 """
 
-from typing import Dict, List
+import math
+from typing import Dict, List, Optional, Sequence
 
 from expo_eval.records import CandidateResult
 from expo_eval.search import choose_alpha
-from expo_eval.selection import Selection
+from expo_eval.selection import Selection, baseline_of, kl_distance, preference, worst_gain
 
 GROUND_TRUTH = "expo_eval.demo.task:ground_truth"  # the task's own scorer, as a sweep names it
-DEFAULT = "kl-bound"
+DEFAULT = "agreement"
 PAPER_RULE = "reward-max"
 ORACLE = "oracle"
 
 DESCRIPTIONS = {
-    "kl-bound": "the sweep's default: reward less sigma_e * sqrt(2 KL) (accuracy 0.75)",
+    "agreement": "the sweep's default: out from alpha 0 while both reward models agree and the KL grows as first order predicts",
+    "agreement, 1 RM": "the default given one reward model: its curve and the KL test",
     "reward-max": "the paper's rule: the highest mean reward",
+    "kl-bound": "the previous default: reward less sigma_e * sqrt(2 KL) (accuracy 0.75)",
+    "scorers only": "agreement without its KL test",
+    "KL test only": "agreement's KL test on one reward model's reward-max, no fall test",
+    "ensemble-min": "the highest worst standardized gain of the two reward models (Coste et al.)",
+    "excess-kl": "reward less sigma_e * sqrt(2 (KL - (1 + alpha)^2 KL(theta1)))",
     "kl-penalty": "DPO's objective, reward - beta * KL, with the DPO beta",
-    "one-se": "the smallest alpha within one standard error of the highest mean reward",
     "oracle": "the ground truth's own choice on the dev prompts",
 }
+RULE_ORDER = tuple(DESCRIPTIONS)
 
 
 def _eligible(dev: List[CandidateResult]) -> List[CandidateResult]:
@@ -33,25 +42,54 @@ def _eligible(dev: List[CandidateResult]) -> List[CandidateResult]:
     )
 
 
+def _argmax(dev: List[CandidateResult], value) -> float:
+    rated = [(v, r) for r in _eligible(dev) for v in [value(r)] if v is not None]
+    return max(rated, key=lambda pair: preference(pair[0], pair[1].alpha))[1].alpha
+
+
 def kl_penalty(dev: List[CandidateResult], reward_model: str, beta: float) -> float:
     """argmax of mean reward - beta * KL: trusts the reward model's scale to be DPO's."""
-    return max(_eligible(dev), key=lambda r: (r.score(reward_model) - beta * max(r.kl, 0.0), -r.alpha)).alpha
+    return _argmax(dev, lambda r: r.score(reward_model) - beta * max(r.kl, 0.0))
 
 
-def one_standard_error(dev: List[CandidateResult], reward_model: str) -> float:
-    """The smallest alpha whose mean reward is within one standard error of the best."""
-    eligible = _eligible(dev)
-    best = max(eligible, key=lambda r: r.score(reward_model))
-    floor = best.score(reward_model) - best.scores[reward_model].stderr
-    return next(r.alpha for r in eligible if r.score(reward_model) >= floor)
+def ensemble_min(dev: List[CandidateResult], reward_models: Sequence[str]) -> float:
+    """argmax of the worst standardized gain over the reward models, nothing else."""
+    baseline = baseline_of(dev)
+    return _argmax(dev, lambda r: worst_gain(r, baseline, reward_models))
 
 
-def choices(dev: List[CandidateResult], reward_model: str, dpo_beta: float) -> Dict[str, float]:
+def excess_kl(dev: List[CandidateResult], reward_model: str) -> float:
+    """kl-bound charging only the KL beyond the first-order (1 + alpha)^2 KL(theta1 || theta0)."""
+    baseline = baseline_of(dev)
+    rule = Selection(reward_model, "kl-bound")
+    theta1 = kl_distance(baseline, baseline) or 0.0
+
+    def value(r: CandidateResult) -> Optional[float]:
+        distance = kl_distance(r, baseline)
+        if distance is None:
+            return r.score(reward_model) if r.alpha == 0 else None
+        excess = max(distance - (1 + r.alpha) ** 2 * theta1, 0.0)
+        return r.score(reward_model) - rule.error_sd(baseline) * math.sqrt(2 * excess)
+
+    return _argmax(dev, value)
+
+
+def choices(dev: List[CandidateResult], reward_models: Sequence[str], dpo_beta: float) -> Dict[str, float]:
     """Every measured rule's alpha on the dev prompts, by rule name."""
+    first, others = reward_models[0], tuple(reward_models[1:])
+
+    def chosen(selection: Selection) -> float:
+        return choose_alpha(dev, selection).alpha
+
     return {
-        DEFAULT: choose_alpha(dev, Selection(reward_model, "kl-bound")).alpha,
-        PAPER_RULE: choose_alpha(dev, Selection(reward_model, "reward-max")).alpha,
-        "kl-penalty": kl_penalty(dev, reward_model, dpo_beta),
-        "one-se": one_standard_error(dev, reward_model),
-        ORACLE: choose_alpha(dev, Selection(GROUND_TRUTH, "reward-max")).alpha,
+        DEFAULT: chosen(Selection(first, "agreement", others=others)),
+        "agreement, 1 RM": chosen(Selection(first, "agreement")),
+        PAPER_RULE: chosen(Selection(first, "reward-max")),
+        "kl-bound": chosen(Selection(first, "kl-bound")),
+        "scorers only": chosen(Selection(first, "agreement", others=others, kl_growth=math.inf)),
+        "KL test only": chosen(Selection(first, "agreement", fall_z=math.inf)),
+        "ensemble-min": ensemble_min(dev, reward_models),
+        "excess-kl": excess_kl(dev, first),
+        "kl-penalty": kl_penalty(dev, first, dpo_beta),
+        ORACLE: chosen(Selection(GROUND_TRUTH, "reward-max")),
     }

@@ -1,16 +1,23 @@
-"""The demo's synthetic instruction task: "describe these nouns".
+"""The demo's synthetic instruction task, in two shapes: short answers and long ones.
 
-A prompt names one to four nouns (`describe cat river lamp`); a well-formed
-answer has one sentence per noun, `the NOUN is ADJECTIVE .`. The programmatic
-ground truth (`ground_truth`, usable as the scorer `expo_eval.demo.task:ground_truth`)
-gives +1, 0 or -1 per described noun for a positive, neutral or negative
-adjective, and -1 for every requested noun left out and every sentence that is
-malformed, about another noun, or a repeat. The SFT data picks adjectives
-uniformly, so the SFT model is neutral on average and preference learning has
-something to find: positive adjectives, in a well-formed answer that ends.
+Short (`describe cat river lamp`): one to four nouns, one sentence `the NOUN is
+ADJECTIVE .` each, at most 21 tokens. Long (`detail cat river`): two nouns, each
+described by an opening sentence and then one sentence per aspect in a fixed
+order (`its color is ADJECTIVE .` ... ten aspects), 111 tokens: the regime where
+a chat model's KL from its SFT model is nats, not hundredths.
+The prompt's verb says which shape is asked for.
+
+The programmatic ground truth (`ground_truth`, usable as the scorer
+`expo_eval.demo.task:ground_truth`) gives +1, 0 or -1 per well-placed sentence
+for a positive, neutral or negative adjective, and -1 for every sentence that is
+malformed, out of place, about another noun or a repeat, for every requested
+noun or aspect left out, and for an unfinished answer. The SFT data picks
+adjectives uniformly, so the SFT model is neutral on average and preference
+learning has something to find: positive adjectives, in a well-formed answer that ends.
 """
 
 import random
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 from transformers import PreTrainedTokenizerFast
@@ -30,15 +37,34 @@ ADJECTIVES: Dict[str, int] = {
     **dict.fromkeys(NEUTRAL, 0),
     **dict.fromkeys(NEGATIVE, -1),
 }
-VERB = "describe"
-WORDS = [VERB, "the", "is", "."] + NOUNS + list(ADJECTIVES)
-MAX_NOUNS = 4
+ASPECTS = tuple("color size mood voice smell shape taste sound age home".split())
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a prompt asks for: its verb, how many nouns, the aspect sentences after each opening."""
+
+    verb: str
+    nouns: Tuple[int, int]
+    aspects: Tuple[str, ...]
+
+    def prompt_text(self, nouns: Sequence[str]) -> str:
+        return " ".join((self.verb, *nouns))
+
+    def sample_nouns(self, rng: random.Random) -> "Nouns":
+        return tuple(rng.sample(NOUNS, rng.randint(*self.nouns)))
+
+
+SHORT = Shape("describe", (1, 4), ())
+LONG = Shape("detail", (2, 2), ASPECTS)
+SHAPES = {"short": SHORT, "long": LONG}
+WORDS = ["the", "is", "its", ".", *(shape.verb for shape in SHAPES.values()), *ASPECTS] + NOUNS + list(ADJECTIVES)
 
 Nouns = Tuple[str, ...]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """mergekit_expo.tiny's tokenizer over the task's words.
+    """mergekit_expo.tiny's tokenizer over the task's words (both shapes).
 
     Its template ends an assistant turn with EOS, and a rendered prompt is an exact
     token prefix of prompt + answer (whitespace pre-tokenization), as TRL needs; the
@@ -47,49 +73,57 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tiny.build_tokenizer(WORDS)
 
 
-def prompt_text(nouns: Sequence[str]) -> str:
-    return " ".join((VERB, *nouns))
+def shape_of(prompt: str) -> Shape:
+    words = prompt.split()
+    return next((shape for shape in SHAPES.values() if words[:1] == [shape.verb]), SHORT)
 
 
 def requested_nouns(prompt: str) -> List[str]:
     words = prompt.split()
-    return words[1:] if words[:1] == [VERB] else []
+    return words[1:] if words[:1] and words[0] in {shape.verb for shape in SHAPES.values()} else []
 
 
-def sentence(noun: str, adjective: str) -> str:
-    return f"the {noun} is {adjective} ."
+def sentence(noun: str, adjective: str, aspect: str = "") -> str:
+    return f"its {aspect} is {adjective} ." if aspect else f"the {noun} is {adjective} ."
 
 
-def reference_answer(nouns: Sequence[str], rng: random.Random) -> str:
+def reference_answer(nouns: Sequence[str], rng: random.Random, shape: Shape = SHORT) -> str:
     """A well-formed answer with adjectives drawn uniformly: the SFT data."""
     adjectives = list(ADJECTIVES)
-    return " ".join(sentence(noun, rng.choice(adjectives)) for noun in nouns)
+    return " ".join(
+        sentence(noun, rng.choice(adjectives), aspect) for noun in nouns for aspect in ("", *shape.aspects)
+    )
 
 
 def judge(prompt: str, response: str) -> Tuple[float, int]:
-    """(the described nouns' adjective values summed, the number of faults).
+    """(the well-placed sentences' adjective values summed, the number of faults).
 
-    A fault: a requested noun left out, or a sentence that is malformed, about a
-    noun not asked for, a repeat, or unfinished.
+    A noun's block is its opening sentence, then each of its aspects once (the SFT data keeps
+    them in one order; any order counts, so one slip costs one sentence, not the rest of the
+    block). A fault: a requested noun or one of its aspects left out, or a sentence that is
+    malformed, about a noun not asked for, a repeat, outside a block, or unfinished.
     """
+    shape = shape_of(prompt)
     wanted = requested_nouns(prompt)
     *finished, unfinished = " ".join(response.split()).split(".")
     value, faults, described = 0.0, 0, set()
+    aspects_left: set = set()  # the current noun's aspects not yet described
     for text in finished:
         parts = text.split()
-        if (
-            len(parts) == 4
-            and parts[0] == "the"
-            and parts[1] in wanted
-            and parts[1] not in described
-            and parts[2] == "is"
-            and parts[3] in ADJECTIVES
-        ):
+        if len(parts) != 4 or parts[2] != "is" or parts[3] not in ADJECTIVES:
+            faults += 1
+        elif parts[0] == "the" and parts[1] in wanted and parts[1] not in described:
+            faults += len(aspects_left)
             described.add(parts[1])
+            aspects_left = set(shape.aspects)
+            value += ADJECTIVES[parts[3]]
+        elif parts[0] == "its" and parts[1] in aspects_left:
+            aspects_left.remove(parts[1])
             value += ADJECTIVES[parts[3]]
         else:
             faults += 1
-    faults += bool(unfinished.strip()) + len(set(wanted) - described)
+    faults += len(aspects_left) + bool(unfinished.strip())
+    faults += len(set(wanted) - described) * (1 + len(shape.aspects))
     return value, faults
 
 
@@ -103,15 +137,13 @@ def well_formed(prompt: str, response: str) -> bool:
     return judge(prompt, response)[1] == 0
 
 
-def sample_nouns(rng: random.Random) -> Nouns:
-    return tuple(rng.sample(NOUNS, rng.randint(1, MAX_NOUNS)))
-
-
-def unique_noun_sets(rng: random.Random, count: int, exclude: frozenset = frozenset()) -> List[Nouns]:
+def unique_noun_sets(
+    rng: random.Random, count: int, shape: Shape = SHORT, exclude: frozenset = frozenset()
+) -> List[Nouns]:
     """`count` distinct noun tuples, none in `exclude` (held-out prompt sets never overlap)."""
     seen, result = set(exclude), []
     while len(result) < count:
-        nouns = sample_nouns(rng)
+        nouns = shape.sample_nouns(rng)
         if nouns not in seen:
             seen.add(nouns)
             result.append(nouns)
@@ -131,6 +163,15 @@ def rambling(answer: str, rng: random.Random) -> str:
     return " ".join([answer, *extra])
 
 
+def off_order(answer: str, rng: random.Random) -> str:
+    """Two sentences swapped: every word kept, the order broken."""
+    sentences = [text.strip() + " ." for text in answer.split(".") if text.strip()]
+    if len(sentences) > 1:
+        i, j = rng.sample(range(len(sentences)), 2)
+        sentences[i], sentences[j] = sentences[j], sentences[i]
+    return " ".join(sentences)
+
+
 def duplicated(answer: str, rng: random.Random) -> str:
     return " ".join([answer] * rng.randint(2, 4))
 
@@ -141,7 +182,7 @@ def word_salad(answer: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-CORRUPTIONS = (truncated, rambling, duplicated, word_salad)
+CORRUPTIONS = (truncated, rambling, duplicated, word_salad, off_order)
 
 
 def format_pair(prompt: str, answer: str, rng: random.Random) -> Tuple[str, str]:

@@ -74,17 +74,20 @@ def train_sft(
     size: Tuple[int, int, int],
     learning_rate: float,
     batch_size: int,
+    max_length: int,
+    start: Optional[Path] = None,
 ) -> Path:
-    """SFTTrainer on (prompt, answer) pairs in chat form; loss on the answer only."""
+    """SFTTrainer on (prompt, answer) pairs in chat form; loss on the answer only; from `start`'s
+    weights when given, else from a seeded initialization."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     dataset = Dataset.from_list([{"prompt": user(p), "completion": assistant(a)} for p, a in examples])
     config = SFTConfig(
         **cpu_arguments(out, seed, learning_rate=learning_rate, per_device_train_batch_size=batch_size),
-        max_length=64,
+        max_length=max_length,
     )
-    model = initial_model(tokenizer, seed, *size)
+    model = LlamaForCausalLM.from_pretrained(str(start)) if start else initial_model(tokenizer, seed, *size)
     fit(SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer), out)
     return out
 
@@ -164,6 +167,7 @@ def train_reward_model(
     seed: int,
     learning_rate: float,
     batch_size: int,
+    max_length: int,
 ) -> Path:
     """RewardTrainer from the SFT weights: an ordinary HF scalar sequence classifier."""
     from datasets import Dataset
@@ -171,7 +175,7 @@ def train_reward_model(
 
     config = RewardConfig(
         **cpu_arguments(out, seed, learning_rate=learning_rate, per_device_train_batch_size=batch_size),
-        max_length=128,
+        max_length=max_length,
     )
     trainer = RewardTrainer(
         model=str(sft_path),
@@ -217,6 +221,7 @@ def train_dpo(
     learning_rate: float,
     batch_size: int,
     warmup: float,
+    max_length: int,
     work: Path,
 ) -> Dict[float, Path]:
     """DPOTrainer (sigmoid loss) from the SFT model, one epoch, saved at each fraction."""
@@ -229,7 +234,7 @@ def train_dpo(
         ),
         beta=beta,
         loss_type=["sigmoid"],
-        max_length=128,
+        max_length=max_length,
     )
     model = LlamaForCausalLM.from_pretrained(str(sft_path))
     trainer = DPOTrainer(
