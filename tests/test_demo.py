@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import BIN, REPO, run_cli
 from expo_eval.demo import task
 
 GT = "expo_eval.demo.task:ground_truth"
@@ -480,3 +480,41 @@ def test_further_seeds_have_their_own_folders(tmp_path):
     assert [l.root for l in seed_layouts(tmp_path, [3, 0, 7])] == [tmp_path, tmp_path / "seeds" / "0", tmp_path / "seeds" / "7"]
     with pytest.raises(ValueError, match="distinct seeds"):
         run_demo(tmp_path, seeds=[1, 1])
+
+
+def _processes_with(marker: str) -> list:
+    """Pids of live processes whose environment holds `marker` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_a_terminated_demo_takes_its_regime_workers_with_it(tmp_path):
+    """SIGTERM to `mergekit-expo demo` (as `kill` or a job scheduler sends) ends both regimes'
+    worker processes too, instead of leaving them writing into DIR behind a new run's back."""
+    import signal
+    import time
+    import uuid
+
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("the demo trains with TRL")
+    marker = f"EXPO_DEMO_TEST={uuid.uuid4().hex}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", marker.split("=")[0]: marker.split("=")[1]}
+    demo = subprocess.Popen([str(BIN / "mergekit-expo"), "demo", "--quick", "--out", str(tmp_path / "demo")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in demo.stdout:  # both workers are up once both regimes have started a stage
+        if "[long] [" in line and "running" in line:
+            break
+    assert len(_processes_with(marker)) >= 3  # the command and its two workers
+    demo.send_signal(signal.SIGTERM)
+    demo.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while [pid for pid in _processes_with(marker) if pid != demo.pid] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [pid for pid in _processes_with(marker) if pid != demo.pid] == []

@@ -131,3 +131,44 @@ def test_the_walk_goes_out_on_each_side_of_zero():
     values = {r.alpha: r.selection_value for r in rule.annotate(results)}
     assert values[2.0] is None and values[4.0] is None and values[-0.5] is not None
     assert choose_alpha(results, rule).alpha == 1.0  # -0.5 loses rm_a: its worst gain is below 0
+
+
+def test_theta1_without_a_kl_distance_turns_the_kl_test_off_and_says_so():
+    """alpha 0's KL clearly below zero: nothing to compare a candidate's KL with. One scorer keeps
+    alpha 0 (nothing else guards); two walk on their agreement alone, with a warning either way."""
+    results = [r.model_copy(update={"kl": 1000.0 if r.alpha else -5.0, "kl_stderr": 0.1}) for r in hacked()]
+    alone = Selection("rm_a")
+    assert choose_alpha(results, alone).alpha == 0.0
+    assert any("kept alpha=0" in note and "below zero" in note for note in alone.problems(results))
+    both = Selection("rm_a", others=("rm_b",))
+    assert choose_alpha(results, both).alpha == 1.0
+    assert any("without its KL test" in note for note in both.problems(results))
+
+
+def test_a_scorer_without_spread_is_left_out_and_named():
+    """A constant scorer cannot say a candidate is better; it must not veto every alpha."""
+    flat = [r.model_copy(update={"scores": {**r.scores, "const": r.scores["rm_a"].model_copy(update={"mean": 1.0, "stderr": 0.0})}})
+            for r in hacked()]
+    rule = Selection("rm_a", others=("rm_b", "const"))
+    assert choose_alpha(flat, rule).alpha == 1.0
+    assert any(note.startswith("const had no spread") for note in rule.problems(flat))
+
+
+def test_a_search_refines_around_alpha_zero_when_it_wins():
+    """The search's own alphas need not hold alpha 0; the rule's choice may be it."""
+    from expo_eval.search import bisection_points
+
+    results = hacked()
+    baseline, searched = results[0], results[3:]
+    rule = Selection("rm_a", others=("rm_b",))
+    assert bisection_points(searched, rule, baseline, min_step=0.1) == [1.0]
+
+
+def test_a_config_naming_one_selector_as_before_still_loads(tmp_path):
+    from expo_eval.config import SweepConfig
+
+    config = SweepConfig(recipe=tmp_path / "r.yaml", out=tmp_path / "out", alphas=[0.5],
+                         reward_models=["a", "b"], select_with="b")
+    assert config.selectors == ["b"] and config.selection.scorers == ("b",)
+    assert SweepConfig(recipe=tmp_path / "r.yaml", out=tmp_path / "out", alphas=[0.5],
+                       reward_models=["a", "b"]).selection.scorers == ("a", "b")

@@ -221,7 +221,8 @@ def demo(out, quick, force, seeds, regimes, workers):
         raise click.BadParameter(f"each seed once, got {seeds}", param_hint="--seeds")
     chosen = QUICK if quick else REGIMES
     chosen = {name: settings for name, settings in chosen.items() if not regimes or name in regimes}
-    summaries = run_demo(Path(out), chosen, seeds=seeds or (0,), force=force, echo=click.echo, workers=workers)
+    with terminate_cleanly():  # SIGTERM unwinds too: the regimes' worker processes are ended with it
+        summaries = run_demo(Path(out), chosen, seeds=seeds or (0,), force=force, echo=click.echo, workers=workers)
     print_summary(summaries, echo=click.echo)
     click.echo(f"Report: {Path(out) / 'report.md'}")
 

@@ -128,7 +128,7 @@ class SweepConfig(BaseModel):
     alphas: Optional[List[float]] = Field(None, description="Explicit grid, e.g. 0,0.1,0.2,0.3 (0 is always evaluated).")
     search: Optional[SearchConfig] = Field(None, description="Automatic search (paper, Appendix B) instead of a grid.")
     reward_models: List[str] = Field(
-        min_length=1, description="Reward model folder or Hub ID (MODEL#objective=K picks one objective of a multi-objective one), or module:function. Repeatable; the first chooses alpha."
+        min_length=1, description="Reward model folder or Hub ID (MODEL#objective=K picks one objective of a multi-objective one), or module:function. Repeatable; all of them choose alpha unless --select-with names some."
     )
     select_with: Optional[List[str]] = Field(
         None,
@@ -231,6 +231,12 @@ class SweepConfig(BaseModel):
         if beyond and "CUDA_VISIBLE_DEVICES" not in os.environ:
             raise ValueError(f"GPU {','.join(beyond)}: torch sees {count} CUDA device(s), 0 to {count - 1}")
         return gpus
+
+    @field_validator("select_with", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value):
+        """`select_with: RM` (one name, as configs wrote it before it took a list) is a list of one."""
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_alpha_source(self) -> "SweepConfig":

@@ -489,7 +489,7 @@ def print_table(
 
     selector = selection.scorer
     names = scorers(results, selector)
-    table = Table(title=f"ExPO sweep: {selection.rule} on {selector} chooses {chosen.label}")
+    table = Table(title=f"ExPO sweep: {selection.rule} on {', '.join(selection.scorers)} chooses {chosen.label}")
     for column in (
         "candidate",
         "split",

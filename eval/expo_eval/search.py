@@ -128,12 +128,12 @@ def bisection_points(
     A midpoint is proposed only when it lies at least `min_step` from both ends,
     so refinement stops by itself once the grid is fine enough.
     """
-    ordered = sorted(results, key=lambda r: r.alpha)
-    healthy = [r for r in ordered if not r.collapsed]
-    if not healthy:
+    if all(r.collapsed for r in results):
         return []
+    with_baseline = results if any(r.alpha == 0 for r in results) else [baseline, *results]
+    ordered = sorted(with_baseline, key=lambda r: r.alpha)
     alphas = [r.alpha for r in ordered]
-    chosen = selection.best(healthy, baseline)
+    chosen = selection.best(ordered, baseline)  # it passes over collapsed candidates (agreement stops at them)
     if chosen is None:  # the rule rates none of them (their KL is no distance): nothing to refine around
         return []
     best = chosen.alpha

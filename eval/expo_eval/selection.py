@@ -86,7 +86,13 @@ class Selection:
     @property
     def scorers(self) -> Tuple[str, ...]:
         """The scorers this rule reads."""
-        return (self.scorer, *self.others) if self.rule == "agreement" else (self.scorer,)
+        return tuple(dict.fromkeys((self.scorer, *self.others))) if self.rule == "agreement" else (self.scorer,)
+
+    def spread_scorers(self, baseline: CandidateResult) -> Tuple[str, ...]:
+        """agreement's scorers that have a spread on alpha = 0 to measure gains in (all of them if
+        none has: gains are then compared in the scorers' own units)."""
+        spread_out = tuple(s for s in self.scorers if spread(baseline, s) > 0)
+        return spread_out or self.scorers
 
     def error_sd(self, baseline: Optional[CandidateResult]) -> float:
         """sigma_e: the scorer's per-response spread on alpha = 0 (theta1), times the share
@@ -104,7 +110,9 @@ class Selection:
         if self.rule == "reward-max":
             return mean
         if self.rule == "agreement":
-            return worst_gain(result, baseline, self.scorers)
+            if baseline is None:
+                raise SelectionError("choosing needs alpha = 0 on the select prompts")
+            return worst_gain(result, baseline, self.spread_scorers(baseline))
         distance = kl_distance(needs_kl(result, self.rule), baseline)
         if distance is None:
             return mean if result.alpha == 0 else None  # theta1 itself needs no distance to be chosen
@@ -118,15 +126,23 @@ class Selection:
             raise SelectionError(f"the {self.rule} rule needs alpha = 0 on the select prompts")
         needs_kl(baseline, self.rule)
         kept, stops = [baseline], []
+        scorers = self.spread_scorers(baseline)
+        growth = self.kl_growth
+        unplaced = kl_problem(baseline, baseline)
+        if unplaced is not None:  # no first-order KL to compare with
+            if len(scorers) == 1:
+                return kept, [f"{self.rule} kept alpha=0 ({unplaced}): with one scorer the KL test is all that guards"]
+            growth = math.inf
+            stops.append(f"{self.rule} ran without its KL test (alpha=0: {unplaced})")
         for side in (1, -1):
-            best = {scorer: baseline for scorer in self.scorers}
+            best = {scorer: baseline for scorer in scorers}
             for result in sorted((r for r in candidates if r.alpha is not None and r.alpha * side > 0), key=lambda r: abs(r.alpha)):
-                reason = stop_reason(needs_kl(result, self.rule), best, baseline, self.kl_growth, self.fall_z)
+                reason = stop_reason(needs_kl(result, self.rule), best, baseline, growth, self.fall_z)
                 if reason is not None:
                     stops.append(f"{self.rule} stopped at {result.label}: {reason}")
                     break
                 kept.append(result)
-                best = {s: max(best[s], result, key=lambda r, s=s: r.score(s)) for s in self.scorers}
+                best = {s: max(best[s], result, key=lambda r, s=s: r.score(s)) for s in scorers}
         return kept, stops
 
     def problems(self, results: List[CandidateResult]) -> List[str]:
@@ -135,11 +151,20 @@ class Selection:
         baseline = baseline_of(results)
         if self.rule == "agreement":
             select = [r for r in results if r.split == "select" and r.alpha is not None]
-            notes = [] if baseline is None else self.path(select, baseline)[1]
-            if len(self.scorers) == 1:
+            if baseline is None:
+                return []
+            notes = [
+                f"{s} had no spread of scores on alpha=0 ({baseline.n} prompts), so agreement left it out: "
+                "it cannot say whether a candidate is better"
+                for s in self.scorers
+                if s not in self.spread_scorers(baseline)
+            ]
+            notes += self.path(select, baseline)[1]
+            if len(self.spread_scorers(baseline)) == 1:
                 notes.append(
                     f"agreement had one scorer ({self.scorer}): only the KL test guards against it being hacked along "
-                    "the direction alignment took; add a second reward model trained on other data (--reward-model)"
+                    "the direction alignment took; add a second reward model trained on other data (--reward-model; "
+                    "with --select-with, name it there too)"
                 )
             return notes
         if self.rule != "kl-bound":
@@ -222,12 +247,15 @@ def stop_reason(
     result: CandidateResult, best: Dict[str, CandidateResult], baseline: CandidateResult, growth: float, fall_z: float
 ) -> Optional[str]:
     """Why `agreement` goes no further than `result` (None: it may): a collapse, a KL estimate that
-    is not a distance (`kl_problem`), a scorer falling below its best so far (`best`, by scorer), or
-    a KL above `growth` times first order."""
+    is no number or too noisy to place (`kl_problem`; one clearly below zero, the sampling's bias,
+    shows no growth), a scorer falling below its best so far (`best`, by scorer), or a KL above
+    `growth` times first order."""
     if result.collapsed:
         return "collapsed (" + "; ".join(result.collapse_reasons) + ")"
+    kl, stderr = result.kl, result.kl_stderr or 0.0
+    below_zero = math.isfinite(kl) and math.isfinite(stderr) and kl + KL_Z * stderr < 0
     problem = kl_problem(result, baseline)
-    if problem is not None:
+    if problem is not None and not below_zero:  # a biased estimate below zero shows no growth: walk on
         return problem
     for scorer, top in best.items():
         drop = top.score(scorer) - result.score(scorer)
@@ -237,9 +265,11 @@ def stop_reason(
     theta1 = kl_distance(baseline, baseline)
     ratio = kl_growth(result, theta1)
     if ratio is not None and ratio > growth:
+        expected = (1 + result.alpha) ** 2 * theta1
+        times = f"{ratio:.1f}x" if math.isfinite(ratio) else "above"
         return (
-            f"KL(candidate || theta0) {result.kl:.3g} ± {result.kl_stderr or 0:.2g} is {ratio:.1f}x the first-order "
-            f"(1 + alpha)^2 KL(theta1 || theta0) (at most {(1 + result.alpha) ** 2 * theta1:.3g} nats)"
+            f"KL(candidate || theta0) {result.kl:.3g} ± {result.kl_stderr or 0:.2g} is {times} the first-order "
+            f"(1 + alpha)^2 KL(theta1 || theta0) (at most {expected:.3g} nats)"
         )
     return None
 
