@@ -275,7 +275,7 @@ def test_quick_run_trains_every_model(quick, regime):
 @pytest.mark.parametrize("regime", REGIMES)
 def test_quick_run_sweeps_every_checkpoint(quick, regime):
     from expo_eval.demo.pipeline import QUICK
-    from expo_eval.demo.rules import RULE_ORDER
+    from expo_eval.demo.rules import TALLIED
 
     out = quick["out"] / regime
     reward_models = [str(out / "reward_models" / name) for name in ("a", "b")]
@@ -293,7 +293,7 @@ def test_quick_run_sweeps_every_checkpoint(quick, regime):
         assert results["selection"]["rule"] == "agreement" and results["selector"] == reward_models[0]
         assert all(path in results["selection"]["description"] for path in reward_models)
         summary = json.loads((sweep / "demo.json").read_text())
-        assert set(summary["alphas"]) == set(RULE_ORDER) and len(summary["alphas"]) == len(RULE_ORDER)
+        assert list(summary["alphas"]) == list(TALLIED)
         assert summary["alphas"]["agreement"] == results["chosen_alpha"]
         assert set(summary["alphas"].values()) <= grid
         evaluated = {(r["alpha"], r["split"]) for r in summary["results"]}
@@ -326,7 +326,7 @@ def test_quick_run_report(quick, regime):
     assert len(rows) == len(CHECKPOINTS)  # one seed in --quick
     assert all(set(row) == {"seed", "checkpoint", "KL(theta1 || theta0)", "alpha 0", *RULE_ORDER} for row in rows)
     outcomes = summary["selection"]["outcomes"]
-    assert list(outcomes) == list(RULE_ORDER)
+    assert list(outcomes) == list(TALLIED)
     assert outcomes["oracle"]["within_one_se_of_oracle"] == len(CHECKPOINTS)
     verdicts = {c["verdict"] for c in summary["claims"]}
     assert summary["claims"] and all(
@@ -434,7 +434,7 @@ def test_a_claim_true_for_some_checkpoints_says_for_which():
 def test_rule_evidence_over_seeds_counts_misses_and_falls():
     """The evidence table's verdicts from hand-made checkpoints: two seeds, one checkpoint each."""
     from expo_eval.demo.report import Checkpoint, evidence_lines, evidence_rows, goal_met, rule_outcomes
-    from expo_eval.demo.rules import RULE_ORDER
+    from expo_eval.demo.rules import TALLIED
     from expo_eval.records import CandidateResult, ScoreStats
 
     def result(alpha, truth, split="report", kl=None):
@@ -445,16 +445,17 @@ def test_rule_evidence_over_seeds_counts_misses_and_falls():
 
     def checkpoint(seed, alphas, truths, kl):
         results = [result(a, t) for a, t in truths.items()] + [result(0.0, truths[0.0], "select", kl)]
-        summary = {"checkpoint": "p10", "fraction": 0.1, "seed": seed, "alphas": alphas, "flags": [], "results": results}
+        summary = {"checkpoint": "p10", "fraction": 0.1, "seed": seed, "alphas": alphas, "flags": [], "results": results,
+                   "theta1_kl": {"mean": kl, "stderr": 0.01}}
         return Checkpoint(summary, ["a", "b"])
 
-    rules = {**dict.fromkeys(RULE_ORDER, 1.0), "reward-max": 8.0, "oracle": 2.0}
+    rules = {**dict.fromkeys(TALLIED, 1.0), "reward-max": 8.0, "oracle": 2.0}
     runs = [
         [checkpoint(0, rules, {0.0: 0.3, 1.0: 0.4, 2.0: 0.42, 8.0: -0.8}, 0.12)],  # alpha 1 within noise of 2
         [checkpoint(1, {**rules, "agreement": 0.0}, {0.0: 0.3, 1.0: 0.5, 2.0: 0.7, 8.0: 0.1}, 0.34)],  # 0 misses
     ]
     outcomes = rule_outcomes(runs)
-    assert list(outcomes) == list(RULE_ORDER)
+    assert list(outcomes) == list(TALLIED)
     assert outcomes["reward-max"]["below_alpha_0"] == 2 and outcomes["reward-max"]["within_one_se_of_oracle"] == 0
     assert outcomes["agreement"]["below_alpha_0"] == 0 and outcomes["agreement"]["within_one_se_of_oracle"] == 1
     assert outcomes["agreement"]["misses"] == [

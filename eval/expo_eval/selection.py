@@ -17,9 +17,10 @@ it does not, at any answer length:
   measures length as much as change.
 
 The walk goes out from alpha = 0 on each side and stops at the first candidate that fails either
-test or collapsed; among those before it, the rule takes the one whose worst standardized gain
-over alpha = 0 (each scorer's mean difference in units of its own per-response spread on theta1,
-so reward models of any scale compare) is highest. With one scorer only the KL test guards
+test or collapsed; among those before it, where no scorer has turned down, the rule takes the one
+whose mean standardized gain over alpha = 0 is highest (each scorer's mean difference in units of its
+own per-response spread on theta1, so reward models of any scale compare; independent errors average
+out in the mean). With one scorer only the KL test guards
 against a reward model hacked along the direction itself; the sweep then says so and suggests a
 second, independently trained scorer.
 
@@ -37,8 +38,9 @@ lower one, so a distance the samples cannot tell from zero never counts as zero.
 """
 
 import math
+import statistics
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 from expo_eval.records import CandidateResult
 from mergekit_expo.errors import ExpoError
@@ -104,7 +106,7 @@ class Selection:
     def value(self, result: CandidateResult, baseline: Optional[CandidateResult]) -> Optional[float]:
         """What the rule maximizes for one candidate (baseline: alpha = 0 on the same prompts);
         None for a candidate kl-bound cannot rate: its KL estimate is not a distance.
-        For `agreement` the value is the worst standardized gain; whether the candidate is on
+        For `agreement` the value is the mean standardized gain; whether the candidate is on
         the path at all is `path`'s to say."""
         mean = result.score(self.scorer)
         if self.rule == "reward-max":
@@ -112,7 +114,7 @@ class Selection:
         if self.rule == "agreement":
             if baseline is None:
                 raise SelectionError("choosing needs alpha = 0 on the select prompts")
-            return worst_gain(result, baseline, self.spread_scorers(baseline))
+            return standardized_gains(result, baseline, self.spread_scorers(baseline), statistics.fmean)
         distance = kl_distance(needs_kl(result, self.rule), baseline)
         if distance is None:
             return mean if result.alpha == 0 else None  # theta1 itself needs no distance to be chosen
@@ -212,7 +214,7 @@ class Selection:
             return (
                 f"agreement of {', '.join(self.scorers)} (out from alpha 0 while no scorer falls more than {self.fall_z:g} SE "
                 f"below its best and KL(candidate || theta0) stays within {self.kl_growth:g}x its first-order "
-                "(1 + alpha)^2 KL(theta1 || theta0); then the highest worst standardized gain)"
+                "(1 + alpha)^2 KL(theta1 || theta0); then the highest mean standardized gain)"
             )
         return (
             f"kl-bound (the mean of {self.scorer} less sigma_e * sqrt(2 KL(candidate || theta0)), "
@@ -235,12 +237,14 @@ def needs_kl(result: CandidateResult, rule: str) -> CandidateResult:
     return result
 
 
-def worst_gain(result: CandidateResult, baseline: Optional[CandidateResult], scorers: Sequence[str]) -> float:
-    """The smallest of the scorers' gains over alpha = 0, each in units of that scorer's
-    per-response spread on alpha = 0 (a scorer with no spread counts in its own units)."""
+def standardized_gains(
+    result: CandidateResult, baseline: Optional[CandidateResult], scorers: Sequence[str], combine: Callable = min
+) -> float:
+    """The scorers' gains over alpha = 0, each in units of that scorer's per-response spread on
+    alpha = 0 (a scorer with no spread counts in its own units), combined (min: the worst)."""
     if baseline is None:
         raise SelectionError("choosing needs alpha = 0 on the select prompts")
-    return min((result.score(s) - baseline.score(s)) / (spread(baseline, s) or 1.0) for s in scorers)
+    return combine([(result.score(s) - baseline.score(s)) / (spread(baseline, s) or 1.0) for s in scorers])
 
 
 def stop_reason(

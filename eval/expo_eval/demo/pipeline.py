@@ -29,6 +29,8 @@ EXAMPLES = 4  # test responses kept per reported alpha, for the report
 # Reward models per run, each from its own half of the reward pairs and its own seed: the
 # independent scorers that the agreement rule asks, and that an ensemble needs.
 REWARD_MODELS = ("a", "b")
+# dev prompts on which KL(theta1 || theta0) is measured from plain samples, for the report
+KL_PROMPTS = 128
 CURRICULUM_BATCH = 64  # the short regime's SFT batch: what taught its model to copy nouns
 
 
@@ -164,6 +166,15 @@ def environment() -> Dict[str, str]:
     }
 
 
+def rules_source() -> str:
+    """A digest of the code that chooses alpha (the sweep's rules, its choice, the demo's alternatives)."""
+    import inspect
+
+    from expo_eval import search, selection
+
+    return digest({module.__name__: inspect.getsource(module) for module in (selection, search, rules)})
+
+
 @contextmanager
 def reproducible(seed: int) -> Iterator[None]:
     """Run a stage on THREADS threads, with deterministic kernels and every generator seeded,
@@ -250,6 +261,8 @@ class Stages:
                 "settings": {field: settings[field] for field in fields},
                 "environment": environment(),
                 "after": [self.made[stage] for stage in after],
+                # a sweep stage records every rule's choice: new rules, new choices
+                **({"rules": rules_source()} if kind == "sweep" else {}),
             }
         )
 
@@ -451,10 +464,17 @@ def make_sweep(layout: Layout, settings: DemoSettings, fraction: float, include_
     results = {(r.alpha, r.split): r for r in outcome.results}
     for r in dev:  # every alpha on the test prompts: any rule's choice can be checked there
         results[(r.alpha, "report")] = sweep.evaluate(r.alpha, "report")
+    from expo_eval.demo import train
+
+    dev_prompts = [row["prompt"] for row in read_jsonl(layout.task / "dev.jsonl")][:KL_PROMPTS]
+    kl, kl_stderr = train.sequence_kl(
+        layout.checkpoint(fraction), layout.sft, dev_prompts, seed=settings.seed, max_new_tokens=settings.max_new_tokens
+    )
     summary = {
         "checkpoint": checkpoint_name(fraction),
         "fraction": fraction,
         "seed": settings.seed,
+        "theta1_kl": {"mean": kl, "stderr": kl_stderr},
         "alphas": alphas,
         "flags": outcome.flags,
         "results": [r.model_dump(mode="json") for r in results.values()],

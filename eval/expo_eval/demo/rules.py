@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 from expo_eval.records import CandidateResult
 from expo_eval.search import choose_alpha
-from expo_eval.selection import Selection, baseline_of, kl_distance, preference, worst_gain
+from expo_eval.selection import Selection, baseline_of, kl_distance, preference, standardized_gains
 
 GROUND_TRUTH = "expo_eval.demo.task:ground_truth"  # the task's own scorer, as a sweep names it
 DEFAULT = "agreement"
@@ -34,6 +34,14 @@ DESCRIPTIONS = {
     "oracle": "the ground truth's own choice on the dev prompts",
 }
 RULE_ORDER = tuple(DESCRIPTIONS)
+# agreement with other tolerances than its defaults (2x first-order KL, 2 SE): how much the choice
+# rests on those round numbers. Tallied, not tabled per case.
+SENSITIVITY = {
+    "agreement, KL 1.5x": {"kl_growth": 1.5},
+    "agreement, KL 3x": {"kl_growth": 3.0},
+    "agreement, 1 SE": {"fall_z": 1.0},
+}
+TALLIED = RULE_ORDER + tuple(SENSITIVITY)
 
 
 def _eligible(dev: List[CandidateResult]) -> List[CandidateResult]:
@@ -55,7 +63,7 @@ def kl_penalty(dev: List[CandidateResult], reward_model: str, beta: float) -> fl
 def ensemble_min(dev: List[CandidateResult], reward_models: Sequence[str]) -> float:
     """argmax of the worst standardized gain over the reward models, nothing else."""
     baseline = baseline_of(dev)
-    return _argmax(dev, lambda r: worst_gain(r, baseline, reward_models))
+    return _argmax(dev, lambda r: standardized_gains(r, baseline, reward_models))
 
 
 def excess_kl(dev: List[CandidateResult], reward_model: str) -> float:
@@ -92,4 +100,5 @@ def choices(dev: List[CandidateResult], reward_models: Sequence[str], dpo_beta: 
         "excess-kl": excess_kl(dev, first),
         "kl-penalty": kl_penalty(dev, first, dpo_beta),
         ORACLE: chosen(Selection(GROUND_TRUTH, "reward-max")),
+        **{name: chosen(Selection(first, "agreement", others=others, **change)) for name, change in SENSITIVITY.items()},
     }
