@@ -307,7 +307,7 @@ def test_quick_run_sweeps_every_checkpoint(quick, regime):
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_quick_run_report(quick, regime):
-    from expo_eval.demo.rules import RULE_ORDER
+    from expo_eval.demo.rules import RULE_ORDER, TALLIED
 
     out = quick["out"] / regime
     report = (out / "report.md").read_text()
