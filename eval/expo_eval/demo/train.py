@@ -107,6 +107,14 @@ def sample(
     tokenizer.padding_side = "left"  # not saved with the tokenizer; right padding breaks generation
     model = LlamaForCausalLM.from_pretrained(str(model_path)).eval()
     responses: List[str] = []
+    for batch, output in plain_samples(model, tokenizer, prompts, seed, max_new_tokens, batch_size, temperature):
+        responses += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [" ".join(r.split()) for r in responses]
+
+
+def plain_samples(model, tokenizer, prompts: Sequence[str], seed: int, max_new_tokens: int, batch_size: int, temperature: float = 1.0):
+    """(the rendered prompt batch, prompt + sampled response ids) per batch: pure sampling, no
+    top-k/top-p, each batch seeded by its position so a batch's samples do not depend on the others."""
     for start in range(0, len(prompts), batch_size):
         torch.manual_seed(seed + start)
         chats = [user(p) for p in prompts[start : start + batch_size]]
@@ -123,8 +131,7 @@ def sample(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        responses += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [" ".join(r.split()) for r in responses]
+        yield batch, output
 
 
 @torch.no_grad()
@@ -139,23 +146,14 @@ def sequence_kl(
     policy = LlamaForCausalLM.from_pretrained(str(policy_path)).eval()
     reference = LlamaForCausalLM.from_pretrained(str(reference_path)).eval()
     differences: List[float] = []
-    for start in range(0, len(prompts), batch_size):
-        torch.manual_seed(seed + start)
-        chats = [user(p) for p in prompts[start : start + batch_size]]
-        batch = tokenizer.apply_chat_template(
-            chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
-        )
-        output = policy.generate(
-            **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
+    for batch, output in plain_samples(policy, tokenizer, prompts, seed, max_new_tokens, batch_size):
         prompt_length = batch["input_ids"].shape[1]
         generated = output[:, prompt_length:]
         # the response's tokens up to and including its EOS; what generate padded after it does not count
         after_eos = torch.cumsum(generated == tokenizer.eos_token_id, dim=1) - (generated == tokenizer.eos_token_id).long()
         response_mask = (after_eos == 0).float()
         attention = torch.cat([batch["attention_mask"], torch.ones_like(generated)], dim=1)
-        total = torch.zeros(len(chats))
+        total = torch.zeros(len(output))
         for sign, model in ((1.0, policy), (-1.0, reference)):
             logits = model(input_ids=output, attention_mask=attention).logits[:, prompt_length - 1 : -1].float()
             token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
