@@ -8,7 +8,7 @@ from conftest import expo_recipe, write_recipe
 from safetensors.torch import load_file, save_file
 from test_sweep_trust import FakeBackend, folder, sweep_config  # noqa: F401 (fixture)
 
-import expo_eval.sweep as sweep_module
+import expo_eval.inputs as inputs_module
 from expo_eval.config import SweepConfig
 from expo_eval.outdir import OutputFolderError
 from expo_eval.sweep import InputsChangedError, Sweep, SweepReusedError
@@ -22,8 +22,12 @@ def remerge(model_folder, shift):
     os.replace(model_folder / "new.safetensors", weights)
 
 
-def logprobs(outcome):
-    return {k: [g.logprob for g in rows] for k, rows in outcome.generations.items()}
+def measured(outcome):
+    """What the sweep read of the models: responses and each candidate's KL from theta0."""
+    responses = {k: [g.response for g in rows] for k, rows in outcome.generations.items()}
+    kl = {(r.label, r.split): r.kl for r in outcome.results}
+    assert any(value for value in kl.values())
+    return responses, kl
 
 
 def test_a_second_sweep_reads_a_model_merged_again_since_the_first(folder, tmp_path):
@@ -35,26 +39,26 @@ def test_a_second_sweep_reads_a_model_merged_again_since_the_first(folder, tmp_p
     shutil.copytree(folder / "dpo", fresh_copy / "dpo")
     shutil.copytree(folder / "sft", fresh_copy / "sft")
     fresh = Sweep(sweep_config(fresh_copy, fresh_copy, **deterministic)).run()
-    assert logprobs(second) == logprobs(fresh)
+    assert measured(second) == measured(fresh)
 
 
 def test_an_input_changed_while_the_sweep_ran_keeps_no_result(folder, tmp_path, monkeypatch):
     config = sweep_config(folder, tmp_path)
     sweep = Sweep(config, backend=FakeBackend())
-    real = sweep_module.model_fingerprint
-    monkeypatch.setattr(sweep_module, "model_fingerprint", lambda spec: real(spec) + "-remerged")
+    real = inputs_module.model_fingerprint
+    monkeypatch.setattr(inputs_module, "model_fingerprint", lambda spec: real(spec) + "-remerged")
     with pytest.raises(InputsChangedError, match=r"aligned model .* changed while the sweep ran.*rerun"):
         sweep.run()
     assert not (config.out / "results.json").exists()
     assert not list((config.out / "cache").glob("*.jsonl")) and not list((config.out / "cache").glob("*.scores.json"))
-    monkeypatch.setattr(sweep_module, "model_fingerprint", real)
+    monkeypatch.setattr(inputs_module, "model_fingerprint", real)
     again = Sweep(config, backend=FakeBackend()).run()
-    assert again.generated == 3 and again.reused == 0
+    assert again.generated == 5 and again.reused == 0  # 3 candidate runs, 2 KL sample sets
 
 
 def test_a_sweep_runs_once(folder, tmp_path):
     sweep = Sweep(sweep_config(folder, tmp_path), backend=FakeBackend())
-    assert sweep.run().generated == 3
+    assert sweep.run().generated == 5
     with pytest.raises(SweepReusedError, match="build a new Sweep"):
         sweep.run()
 

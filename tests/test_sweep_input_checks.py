@@ -139,19 +139,19 @@ def test_a_search_whose_high_end_overflows_stops_before_generating(family, tmp_p
 
 
 def test_a_rerun_whose_ends_are_generated_builds_no_candidate_to_check(family, tmp_path, monkeypatch):
-    import expo_eval.sweep as sweep_module
+    import expo_eval.inputs as inputs_module
     from test_sweep_trust import FakeBackend
 
     config = SweepConfig(recipe=write_recipe(tmp_path / "r.yaml", expo_recipe(family)), out=tmp_path / "out",
                          prompts="smoke", limit=2, alphas=[0.5], reward_models=["rewards:word_count"])
     checked = []
 
-    class Recording(sweep_module.Candidates):
+    class Recording(inputs_module.Candidates):
         def check(self, alphas):
             checked.append(list(alphas))
             super().check(alphas)
 
-    monkeypatch.setattr(sweep_module, "Candidates", Recording)
+    monkeypatch.setattr(inputs_module, "Candidates", Recording)
     Sweep(config, backend=FakeBackend()).run()
     assert checked == [[0.0, 0.5]]
     Sweep(config, backend=FakeBackend())

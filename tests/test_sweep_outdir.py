@@ -208,7 +208,7 @@ def test_a_tokenizer_source_edited_in_place_is_noticed(folder, tmp_path):
     vocab[a], vocab[b] = j, i  # same size, other token ids
     (tokenizer / "tokenizer.json").write_text(json.dumps(data))
     again, _ = run(config)
-    assert first.generated == 3 and again.generated == 3 and again.reused == 0
+    assert first.generated == 5 and again.generated == 5 and again.reused == 0
 
 
 def test_out_inside_the_tokenizer_source_is_refused(folder, tmp_path):

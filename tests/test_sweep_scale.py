@@ -116,7 +116,8 @@ def test_sharded_sweep_equals_one_process(recipe, reward_model, tmp_path, monkey
     sharded = run_cli("mergekit-expo", "sweep", recipe, "--out", tmp_path / "two", "--gpus", "0,1", *common)
     chosen = json.loads((tmp_path / "two" / "results.json").read_text())["chosen_alpha"]
     # by the shards: 0, 0.5, 2 and SFT; by the caller: the chosen alpha's held-out prompts, unless 0
-    assert f"Generated {4 + (chosen != 0)} candidate runs" in sharded.stdout
+    # and the KL samples of 0, 0.5 and 2
+    assert f"Generated {7 + (chosen != 0)} sample sets" in sharded.stdout
     shard_logs = sorted((tmp_path / "two" / "shards").glob("shard-*.yaml"))
     assert len(shard_logs) == 2
     assert [yaml.safe_load(p.read_text())["alphas"] for p in shard_logs] == [[0.0, 2.0], [0.5]]
@@ -146,11 +147,11 @@ class Recorder:
         from expo_eval.backends import Completion
 
         self.events.append(("generate",))
-        return [Completion(text="good dog", tokens=3, finish_reason="stop") for _ in prompts]
+        return [Completion(text="good dog", tokens=3, finish_reason="stop", token_ids=[5, 6, 2]) for _ in prompts]
 
     def response_logprobs(self, prompts, responses):
         self.events.append(("logprobs", self.alpha))
-        return [-float(len(text.split())) for text, _ in responses]
+        return [-float(len(ids)) for ids in responses]
 
     def close(self):
         self.events.append(("close",))
@@ -192,11 +193,11 @@ def test_generate_only_scores_nothing_and_a_later_run_reuses_it(recipe, tmp_path
                 reward_models=["rewards:word_count"])
     outcome = Sweep(SweepConfig(**base, generate_only=True), scorers=[RecordingScorer(events)]).run()
     assert outcome.chosen is None and ("score",) not in events
-    assert outcome.generated == 3  # both alphas on the select prompts, alpha 0 on the report prompts
+    assert outcome.generated == 5  # both alphas on the select prompts and their KL samples, alpha 0 on the report prompts
     assert not (tmp_path / "o" / "results.json").exists()
     events.clear()
     outcome = Sweep(SweepConfig(**base), scorers=[RecordingScorer(events)]).run()
-    assert outcome.reused == 3 and outcome.generated <= 1  # at most the chosen alpha's report prompts
+    assert outcome.reused == 5 and outcome.generated <= 1  # at most the chosen alpha's report prompts
     assert outcome.chosen is not None and (tmp_path / "o" / "results.json").exists()
 
 
@@ -272,12 +273,14 @@ def test_kl_column_is_zero_for_theta0_itself_and_grows_with_alpha(family, reward
 
     far = build_family(str(tmp_path / "far"), aligned=("dpo",), scale=0.5)  # a change a tiny random model feels
     moved = write_recipe(tmp_path / "moved.yaml", dict(expo_recipe(far), dtype="float32"))
-    common = dict(alphas=[2.0, 8.0], prompts="smoke", limit=8, reward_models=["rewards:word_count"],
-                  sampling={"max_new_tokens": 8}, device="cpu")
+    common = dict(alphas=[2.0, 8.0], prompts="smoke", select_fraction=0.75, reward_models=["rewards:word_count"],
+                  sampling={"max_new_tokens": 16}, device="cpu")
     flat = Sweep(SweepConfig(recipe=same, out=tmp_path / "same", **common)).run()
     assert all(r.kl == 0.0 for r in flat.results if r.split == "select")
     grows = Sweep(SweepConfig(recipe=moved, out=tmp_path / "moved", **common)).run()
-    kl = {r.alpha: r.kl for r in grows.results if r.split == "select"}
-    assert 0 < kl[0.0] < kl[2.0] < kl[8.0]
+    kl = {r.alpha: (r.kl, r.kl_stderr) for r in grows.results if r.split == "select"}
+    # an unbiased estimate from 8 plain samples: alpha 0 (a small KL) may come out a little below zero
+    assert kl[0.0][0] > -2 * kl[0.0][1]
+    assert kl[0.0][0] < kl[2.0][0] < kl[8.0][0] and kl[8.0][0] > 3 * kl[8.0][1]
     assert "kl" in (tmp_path / "moved" / "results.csv").read_text().splitlines()[0].split(",")
     assert (tmp_path / "moved" / "reward_vs_kl.png").stat().st_size > 0

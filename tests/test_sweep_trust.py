@@ -77,14 +77,14 @@ def run(config, backend=None, scorers=None):
 def test_a_checkpoint_changed_in_place_is_regenerated_and_named(folder, tmp_path, caplog):
     config = sweep_config(folder, tmp_path)
     first, backend = run(config)
-    assert first.generated == 3
+    assert first.generated == 5  # alpha 0 and 0.5 on both splits' worth, plus their KL samples
     weights = folder / "dpo" / "model.safetensors"
     state = load_file(weights)
     state = {k: v + 1e-2 if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, weights, metadata={"format": "pt"})
     with caplog.at_level("WARNING", logger="expo_eval"):
         again, backend = run(config)
-    assert again.generated == 3 and again.reused == 0
+    assert again.generated == 5 and again.reused == 0
     assert any("aligned model" in r.message and "changed since the last sweep" in r.message for r in caplog.records)
     untouched, _ = run(config)
     assert untouched.generated == 0
@@ -97,7 +97,7 @@ def test_a_changed_chat_template_file_regenerates(folder, tmp_path):
     run(config)
     template.write_text("{{ messages[0]['content'] }} please")
     again, _ = run(config)
-    assert again.generated == 3
+    assert again.generated == 5
 
 
 def test_a_retrained_reward_model_is_rescored_not_regenerated(folder, tmp_path):

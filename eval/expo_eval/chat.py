@@ -38,9 +38,3 @@ def response_text(tokenizer, token_ids: Sequence[int], stop_ids: Sequence[int]) 
     if ids and ids[-1] in stop_ids:
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def response_ids(tokenizer, text: str, stopped: bool) -> List[int]:
-    """A recorded response as token ids again, with the EOS it ended on."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if stopped else ids

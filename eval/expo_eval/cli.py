@@ -181,12 +181,13 @@ def sweep(recipe, config_file, **flags):
         error.exit_code = stop.code
         raise error from None
     if outcome.chosen is None:
-        click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused}; nothing scored (generate_only).")
+        click.echo(f"Generated {outcome.generated} sample sets, reused {outcome.reused}; nothing scored (generate_only).")
         return
     if outcome.generated == 0:
-        click.echo(f"Nothing generated: all {outcome.reused} candidate runs came from {config.out / 'cache'}.")
+        click.echo(f"Nothing generated: all {outcome.reused} sample sets came from {config.out / 'cache'}.")
     else:
-        click.echo(f"Generated {outcome.generated} candidate runs, reused {outcome.reused} from the cache.")
+        click.echo(f"Generated {outcome.generated} sample sets (a candidate's responses on a split, or its plain samples for KL), "
+                   f"reused {outcome.reused} from the cache.")
     click.echo(f"Chosen alpha: {outcome.chosen.alpha:g} (rule {config.select} on {', '.join(config.selection.scorers)}); results in {config.out}")
     for flag in outcome.flags:
         click.echo(f"Warning: {flag}", err=True)

@@ -154,6 +154,13 @@ class SweepConfig(BaseModel):
         allow_inf_nan=False,
         description="The choosing reward model's pairwise accuracy on held-out preferences (kl-bound's error scale).",
     )
+    kl_prompts: int = Field(
+        128,
+        ge=2,
+        description="Select prompts on which each candidate is also sampled plainly (temperature 1, no top-k/top-p, no "
+        "penalties) to estimate KL(candidate || theta0), which agreement and kl-bound test; the paper's settings "
+        "sample another distribution, so an estimate from them is biased.",
+    )
     include_sft: bool = Field(False, description="Also evaluate the SFT model (theta0).")
     backend: Literal["transformers", "vllm"] = Field("transformers", description="Generation backend.")
     device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda when available).")

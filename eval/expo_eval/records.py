@@ -20,7 +20,8 @@ class Generation(BaseModel):
     tokens: int
     finish_reason: FinishReason
     scores: Dict[str, float] = Field(default_factory=dict)
-    # log p(response | prompt) under its own candidate and under theta0 (select prompts)
+    # the plain samples KL is measured on: their ids, log p(response | prompt) under the candidate and theta0
+    token_ids: Optional[List[int]] = None
     logprob: Optional[float] = None
     logprob_sft: Optional[float] = None
 

@@ -1,9 +1,9 @@
 """What every generation backend gives the sweep, as lm-eval separates models from tasks."""
 
 import logging
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from expo_eval.chat import Messages
 from expo_eval.config import SamplingConfig
@@ -19,6 +19,7 @@ class Completion(BaseModel):
     text: str
     tokens: int  # generated tokens, the final EOS included
     finish_reason: FinishReason
+    token_ids: List[int] = Field(default_factory=list)  # as sampled, the final EOS included
 
 
 class Backend(Protocol):
@@ -32,8 +33,9 @@ class Backend(Protocol):
     def generate(self, prompts: Sequence[Messages], sampling: SamplingConfig) -> List[Completion]:
         """Sample one completion per prompt, deterministic for sampling.seed."""
 
-    def response_logprobs(self, prompts: Sequence[Messages], responses: Sequence[Tuple[str, bool]]) -> List[float]:
-        """log p(response | prompt) under the loaded weights, per (text, stopped) response."""
+    def response_logprobs(self, prompts: Sequence[Messages], responses: Sequence[Sequence[int]]) -> List[float]:
+        """log p(response | prompt) under the loaded weights, per response given as the token
+        ids sampled (not its text again: decoding and re-encoding need not give them back)."""
 
     def close(self) -> None:
         """Release the model (and the engine's processes and GPU memory)."""

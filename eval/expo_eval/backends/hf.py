@@ -3,7 +3,7 @@
 import shutil
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -19,7 +19,7 @@ from transformers import (
 
 from expo_eval.backends.base import BackendError, Completion, check_context
 from expo_eval.candidates import Candidates, merge_options, return_freed_memory
-from expo_eval.chat import Messages, render_ids, response_ids, response_text
+from expo_eval.chat import Messages, render_ids, response_text
 from expo_eval.config import SamplingConfig
 from mergekit_expo.merged_tokenizer import merged_tokenizer, merged_vocab_size
 
@@ -203,15 +203,12 @@ class TransformersBackend:
 
     @torch.no_grad()
     def response_logprobs(
-        self, prompts: Sequence[Messages], responses: Sequence[Tuple[str, bool]], batch_size: int = 8
+        self, prompts: Sequence[Messages], responses: Sequence[Sequence[int]], batch_size: int = 8
     ) -> List[float]:
         """log p(response | prompt) under the loaded weights, summed over the response's
-        tokens (EOS included when it stopped): the model's own distribution, before any
-        temperature, top-k/p or penalty."""
-        pairs = [
-            (self.render(m), response_ids(self.tokenizer, text, stopped))
-            for m, (text, stopped) in zip(prompts, responses)
-        ]
+        sampled tokens (EOS included when it stopped): the model's own distribution, before
+        any temperature, top-k/p or penalty."""
+        pairs = [(self.render(m), list(ids)) for m, ids in zip(prompts, responses)]
         totals: List[float] = []
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
@@ -228,8 +225,10 @@ class TransformersBackend:
     def _completion(self, row: List[int], eos: int) -> Completion:
         if eos in row:
             ids = row[: row.index(eos) + 1]
-            return Completion(text=response_text(self.tokenizer, ids, [eos]), tokens=len(ids), finish_reason="stop")
-        return Completion(text=response_text(self.tokenizer, row, []), tokens=len(row), finish_reason="length")
+            return Completion(text=response_text(self.tokenizer, ids, [eos]), tokens=len(ids), finish_reason="stop",
+                              token_ids=ids)
+        return Completion(text=response_text(self.tokenizer, row, []), tokens=len(row), finish_reason="length",
+                          token_ids=list(row))
 
     def close(self) -> None:
         self.model = None

@@ -11,13 +11,13 @@ import gc
 import inspect
 import logging
 import time
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 
 from expo_eval.backends.base import BackendError, Completion, check_context
 from expo_eval.candidates import Candidates, RecipeError, load_recipe, merge_options, return_freed_memory
-from expo_eval.chat import Messages, render_ids, response_ids, response_text
+from expo_eval.chat import Messages, render_ids, response_text
 from expo_eval.config import DEFAULT_CPU_KV_CACHE_GIB, EngineConfig, SamplingConfig
 from mergekit_expo.run import MergeError, output_dtype
 
@@ -134,6 +134,7 @@ def completion(output, tokenizer) -> Completion:
         text=response_text(tokenizer, sample.token_ids, stop_ids),
         tokens=len(sample.token_ids),
         finish_reason=sample.finish_reason,
+        token_ids=list(sample.token_ids),
     )
 
 
@@ -264,13 +265,13 @@ class VLLMBackend:
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [completion(output, self.tokenizer) for output in outputs]
 
-    def response_logprobs(self, prompts: Sequence[Messages], responses: Sequence[Tuple[str, bool]]) -> List[float]:
+    def response_logprobs(self, prompts: Sequence[Messages], responses: Sequence[Sequence[int]]) -> List[float]:
         """log p(response | prompt) under the loaded weights, from vLLM's prompt log-probabilities
-        of prompt + response (raw model log-probabilities: no temperature or penalties)."""
+        of prompt + response ids (raw model log-probabilities: no temperature or penalties)."""
         params = _vllm().SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
         requests, lengths = [], []
-        for messages, (text, stopped) in zip(prompts, responses):
-            response = response_ids(self.tokenizer, text, stopped)
+        for messages, response in zip(prompts, responses):
+            response = list(response)
             prompt = render_prompt(self.tokenizer, messages)["prompt_token_ids"]
             requests.append({"prompt_token_ids": prompt + response})
             lengths.append(len(response))

@@ -23,14 +23,12 @@ from pydantic import BaseModel, ConfigDict
 from expo_eval.demo import report, rules, task
 from expo_eval.demo.report import GROUND_TRUTH
 from expo_eval.files import write_text
-from expo_eval.sweep import digest
+from expo_eval.store import digest
 
 EXAMPLES = 4  # test responses kept per reported alpha, for the report
 # Reward models per run, each from its own half of the reward pairs and its own seed: the
 # independent scorers that the agreement rule asks, and that an ensemble needs.
 REWARD_MODELS = ("a", "b")
-# dev prompts on which KL(theta1 || theta0) is measured from plain samples, for the report
-KL_PROMPTS = 128
 CURRICULUM_BATCH = 64  # the short regime's SFT batch: what taught its model to copy nouns
 
 
@@ -146,7 +144,7 @@ STAGE_FIELDS: Dict[str, Tuple[str, ...]] = {
 
 
 # Bumped when what a stage writes changes shape, so that an older run's output is redone, not misread.
-STAGE_VERSIONS = {"sweep": 3, "report": 4}
+STAGE_VERSIONS = {"sweep": 4, "report": 4}  # sweep 4: KL from plain samples
 
 # torch's CPU kernels split sums (and some matrix products) by the thread count, so the
 # trained weights, and from them every figure, would depend on the machine's cores.
@@ -464,17 +462,12 @@ def make_sweep(layout: Layout, settings: DemoSettings, fraction: float, include_
     results = {(r.alpha, r.split): r for r in outcome.results}
     for r in dev:  # every alpha on the test prompts: any rule's choice can be checked there
         results[(r.alpha, "report")] = sweep.evaluate(r.alpha, "report")
-    from expo_eval.demo import train
-
-    dev_prompts = [row["prompt"] for row in read_jsonl(layout.task / "dev.jsonl")][:KL_PROMPTS]
-    kl, kl_stderr = train.sequence_kl(
-        layout.checkpoint(fraction), layout.sft, dev_prompts, seed=settings.seed, max_new_tokens=settings.max_new_tokens
-    )
+    theta1 = results[(0.0, "select")]  # its KL from plain samples, as the rule saw it
     summary = {
         "checkpoint": checkpoint_name(fraction),
         "fraction": fraction,
         "seed": settings.seed,
-        "theta1_kl": {"mean": kl, "stderr": kl_stderr},
+        "theta1_kl": {"mean": theta1.kl, "stderr": theta1.kl_stderr},
         "alphas": alphas,
         "flags": outcome.flags,
         "results": [r.model_dump(mode="json") for r in results.values()],
@@ -485,7 +478,7 @@ def make_sweep(layout: Layout, settings: DemoSettings, fraction: float, include_
 
 def examples(sweep, alphas: Sequence[float], count: int = EXAMPLES) -> Dict[str, List[dict]]:
     """The first test-prompt responses of each alpha, with their scores: what the numbers mean."""
-    from expo_eval.sweep import label
+    from expo_eval.phases.summary import label
 
     return {
         f"{alpha:g}": [
@@ -530,7 +523,8 @@ def run_seed(layout: Layout, settings: DemoSettings, force: bool, echo: Callable
         stages.run(
             f"sweep:{checkpoint_name(fraction)}",
             ["task", *(f"reward_model:{name}" for name in REWARD_MODELS), "dpo"],
-            [layout.sweeps / checkpoint_name(fraction)],
+            # the sweep's own folder stays: its cache is keyed on contents, its report replaced whole
+            [layout.sweeps / checkpoint_name(fraction) / "demo.json"],
             lambda fraction=fraction, first=index == 0: make_sweep(layout, settings, fraction, first),
         )
     return stages

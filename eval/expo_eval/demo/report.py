@@ -388,9 +388,9 @@ def evidence_lines(runs: List[List[Checkpoint]], outcomes: Dict[str, dict]) -> L
         f"Seeds {seeds}: each seed trains its own SFT model, reward models and DPO checkpoints and samples "
         "with its own stream. Every rule chooses on the dev prompts from the same sweep; each cell is "
         "`alpha: ground truth on the test prompts` (mean ± standard error). KL(theta1 || theta0): the "
-        "checkpoint's KL from the SFT model in nats per response, from plain samples of it (temperature 1, "
-        "no top-k/top-p) on 128 dev prompts; the sweep's own estimate, from its paper-style samples, is "
-        "biased and can fall below zero. The rules:",
+        "checkpoint's KL from the SFT model in nats per response, as the sweep measures it for every "
+        "candidate: from plain samples (temperature 1, no top-k/top-p, no penalties) on 128 dev prompts, "
+        "since the paper's sampling settings draw from another distribution. The rules:",
         "",
         *(f"- `{rule}`: {DESCRIPTIONS[rule]}" for rule in RULE_ORDER),
         "- `agreement, KL 1.5x`, `agreement, KL 3x`, `agreement, 1 SE`: the default with other tolerances (tallied below)",
@@ -702,7 +702,7 @@ def write_overview(out, summaries: Dict[str, dict]) -> None:
         parts += [
             f"## {name.capitalize()} answers (seeds {', '.join(seeds)})",
             "",
-            f"KL(theta1 || theta0) per checkpoint, nats per response: "
+            "KL(theta1 || theta0) per checkpoint, nats per response: "
             + "; ".join(f"seed {row['seed']} {row['checkpoint'].removeprefix('DPO ').removesuffix(' of an epoch')} "
                         f"{row['KL(theta1 || theta0)']}" for row in rows)
             + ".",
@@ -749,7 +749,7 @@ def print_summary(summaries: Dict[str, dict], echo=print) -> None:
                 f"{by_seed(o, 'within_one_se_of_oracle')}, mean shortfall {o['mean_shortfall']:.3f}"
                 f"{by_seed(o, 'mean_shortfall', '{:.3f}')}"
             )
-        echo(f"  KL(theta1 || theta0): " + ", ".join(f"{row['checkpoint'].removeprefix('DPO ').removesuffix(' of an epoch')} {row['KL(theta1 || theta0)']}" for row in summary["selection"]["rows"] if row["seed"] == seeds[0]))
+        echo("  KL(theta1 || theta0): " + ", ".join(f"{row['checkpoint'].removeprefix('DPO ').removesuffix(' of an epoch')} {row['KL(theta1 || theta0)']}" for row in summary["selection"]["rows"] if row["seed"] == seeds[0]))
         timings = summary.get("timings", {})
         ran = {stage: t for stage, t in timings.items() if not t["reused"]}
         echo(

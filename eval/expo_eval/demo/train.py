@@ -134,36 +134,6 @@ def plain_samples(model, tokenizer, prompts: Sequence[str], seed: int, max_new_t
         yield batch, output
 
 
-@torch.no_grad()
-def sequence_kl(
-    policy_path: Path, reference_path: Path, prompts: Sequence[str], *, seed: int, max_new_tokens: int, batch_size: int = 64
-) -> Tuple[float, float]:
-    """KL(policy || reference) in nats per response, and its standard error: the mean over plain
-    samples of the policy (temperature 1, no top-k/top-p, EOS included) of log policy - log reference.
-    Unbiased, unlike an estimate from responses sampled with temperature 0.7, top-k and penalties."""
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(policy_path))
-    tokenizer.padding_side = "left"
-    policy = LlamaForCausalLM.from_pretrained(str(policy_path)).eval()
-    reference = LlamaForCausalLM.from_pretrained(str(reference_path)).eval()
-    differences: List[float] = []
-    for batch, output in plain_samples(policy, tokenizer, prompts, seed, max_new_tokens, batch_size):
-        prompt_length = batch["input_ids"].shape[1]
-        generated = output[:, prompt_length:]
-        # the response's tokens up to and including its EOS; what generate padded after it does not count
-        after_eos = torch.cumsum(generated == tokenizer.eos_token_id, dim=1) - (generated == tokenizer.eos_token_id).long()
-        response_mask = (after_eos == 0).float()
-        attention = torch.cat([batch["attention_mask"], torch.ones_like(generated)], dim=1)
-        total = torch.zeros(len(output))
-        for sign, model in ((1.0, policy), (-1.0, reference)):
-            logits = model(input_ids=output, attention_mask=attention).logits[:, prompt_length - 1 : -1].float()
-            token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
-            total += sign * (token_logprobs * response_mask).sum(dim=1)
-        differences += total.tolist()
-    mean = sum(differences) / len(differences)
-    variance = sum((d - mean) ** 2 for d in differences) / max(len(differences) - 1, 1)
-    return mean, (variance / len(differences)) ** 0.5
-
-
 def preference_pairs(
     prompts: Sequence[str], first: Sequence[str], second: Sequence[str]
 ) -> List[Dict[str, str]]:
