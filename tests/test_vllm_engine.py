@@ -90,7 +90,40 @@ def test_cli_sweep_with_vllm_equals_the_transformers_backend(wide_family, tmp_pa
     for name, rows in outputs["transformers"].items():
         assert outputs["vllm"][name] == rows, name
     assert any(response for rows in outputs["vllm"].values() for _, response, _, _ in rows)
-    # KL(candidate || theta0) from vLLM's prompt log-probabilities equals the transformers forward pass
+    # each engine's own plain samples (temperature 1 whatever --temperature): other draws, both a KL
     assert kls["vllm"].keys() == kls["transformers"].keys() == {"alpha=0", "alpha=0.5", "alpha=2"}
-    for label, kl in kls["transformers"].items():
-        assert kls["vllm"][label] == pytest.approx(kl, rel=1e-3, abs=1e-4), label
+    assert all(isinstance(kl, float) for backend in kls.values() for kl in backend.values())
+
+
+def test_vllm_log_probabilities_of_sampled_ids_equal_the_transformers_forward_pass(wide_family, tmp_path):
+    """What KL is made of: log p(response | prompt) of the very token ids sampled (plain sampling,
+    EOS included where a response stopped), from vLLM's prompt log-probabilities and from a
+    transformers forward pass, at a candidate and at theta0."""
+    from expo_eval.backends import make_backend
+    from expo_eval.candidates import load_recipe
+    from expo_eval.config import SweepConfig
+    from expo_eval.keys import plain_sampling
+    from expo_eval.prompts import load_prompts
+
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", expo_recipe(wide_family, dtype="float32"))
+    text = recipe_path.read_text()
+    config = SweepConfig(recipe=recipe_path, out=tmp_path / "out", alphas=[2.0], reward_models=["rewards:word_count"],
+                         device="cpu", sampling=SamplingConfig(max_new_tokens=12))
+    messages = [p.messages for p in load_prompts("smoke", 6)]
+    transformers = make_backend(config, text, load_recipe(text))
+    expected, samples = {}, {}
+    for alpha in (2.0, None):
+        transformers.load_candidate(alpha)
+        if alpha is not None:
+            samples = [c.token_ids for c in transformers.generate(messages, plain_sampling(config.sampling))]
+        expected[alpha] = transformers.response_logprobs(messages, samples)
+    transformers.close()
+    assert any(ids[-1] != samples[0][-1] or len(ids) != len(samples[0]) for ids in samples)  # not all alike
+    options = engine_options(EngineConfig(kv_cache_gib=0.25, enforce_eager=True), on_gpu=ON_GPU)
+    vllm = VLLMBackend(text, str(wide_family["dpo"]), **options)
+    try:
+        for alpha in (2.0, None):
+            vllm.load_candidate(alpha)
+            assert vllm.response_logprobs(messages, samples) == pytest.approx(expected[alpha], rel=1e-3, abs=1e-3), alpha
+    finally:
+        vllm.close()
