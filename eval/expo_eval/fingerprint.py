@@ -157,10 +157,3 @@ def text_fingerprint(text: Optional[str]) -> Optional[str]:
 def describe_changes(old: dict, new: dict) -> list:
     """The inputs whose fingerprint differs between two manifests, by name."""
     return [name for name in new if name in old and old[name] != new[name]]
-
-
-def read_manifest(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

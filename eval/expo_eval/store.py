@@ -43,6 +43,9 @@ KINDS: Dict[str, Kind] = {
 }
 
 
+MANIFEST = "inputs.json"
+
+
 def numbers(count: int) -> Callable[[object], bool]:
     """A check for `count` finite numbers."""
     return lambda values: isinstance(values, list) and len(values) == count and all(
@@ -107,6 +110,17 @@ class Store:
         path = self.path(key, kind)
         write_text(path, text)
         self.written.append(path)
+
+    def last_inputs(self) -> dict:
+        """The input fingerprints of the last sweep that finished into this folder ({} if none)."""
+        try:
+            return json.loads((self.root / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def keep_inputs(self, fingerprints: dict) -> None:
+        """What a finished sweep's results used, for the next sweep to compare against."""
+        write_text(self.root / MANIFEST, json.dumps(fingerprints, indent=2) + "\n")
 
     def take_back(self) -> None:
         """Remove every entry this run wrote."""

@@ -9,15 +9,14 @@ the reward models and scores: on one GPU the two never compete for memory. A sea
 alternates, so both stay loaded (the engine is sized for it).
 """
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from expo_eval.config import SweepConfig
 from expo_eval.executors import InProcess, Sharded
-from expo_eval.files import finish_report_swap, write_text
-from expo_eval.fingerprint import describe_changes, read_manifest
+from expo_eval.files import finish_report_swap
+from expo_eval.fingerprint import describe_changes
 from expo_eval.inputs import SweepInputs
 from expo_eval.keys import Keys
 from expo_eval.lock import SweepLock
@@ -166,14 +165,14 @@ class Sweep:
                 results = capability_results(config, self.recipe_text, self.recipe, results, chosen, self.keys, self.store)
             chosen = next(r for r in results if r.split == "select" and r.alpha == chosen.alpha)
             flags = report()
-        write_text(self.store.root / "inputs.json", json.dumps(self.inputs, indent=2) + "\n")  # what this result used
+        self.store.keep_inputs(self.inputs)
         print_table(results, chosen, selection)
         return self._outcome(results, chosen, flags)
 
     def _check_everything(self):
         """Before the first generation, not after it: the inputs against the last sweep here,
         the scorers, the lm-eval tasks, the judge (returned, ready)."""
-        for name in describe_changes(read_manifest(self.store.root / "inputs.json"), self.inputs):
+        for name in describe_changes(self.store.last_inputs(), self.inputs):
             LOG.warning("%s changed since the last sweep in %s: its results are redone", name, self.config.out)
         self.scoring.check()
         if self.config.lm_eval is not None:
