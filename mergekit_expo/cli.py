@@ -80,3 +80,29 @@ def inspect_pair_command(sft, aligned, alphas, dtypes, json_path, plot_path) -> 
             plot_layers(report, plot_path)
     except InspectError as error:
         raise click.ClickException(str(error)) from None
+
+
+@main.command("adapter")
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.option("--alpha", type=float, required=True, help="Extrapolation strength: every lora_B times 1 + alpha.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New folder for the extrapolated adapter.")
+@click.option("--base", "theta0", help="theta0, the model the adapter was trained on (default: the one its config names).")
+def adapter_command(adapter, alpha, out_dir, theta0) -> None:
+    """ExPO on a LoRA ADAPTER, exactly, as an adapter: theta0 + (1 + alpha) * s * B A.
+
+    Whole tensors the adapter carries (modules_to_save, trained biases) are extrapolated
+    against theta0's; DoRA and other non-linear adapters are refused.
+    """
+    from mergekit_expo.adapter import extrapolate_adapter
+    from mergekit_expo.diagnostics import InspectError
+    from mergekit_expo.rules import check_alpha
+
+    try:
+        check_alpha(alpha)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--alpha") from None
+    try:
+        extrapolate_adapter(adapter, theta0, alpha, out_dir)
+    except InspectError as error:  # theta0 not found or unreadable
+        raise click.ClickException(str(error)) from None
+    click.echo(f"Wrote the adapter at alpha {alpha:g} (lora_B x {1 + alpha:g}) to {out_dir}")
