@@ -95,10 +95,31 @@ def prepare(merge_config, out_path: str, options):
     Raises ValueError naming the problem. The configuration returned has its
     output dtype resolved (see `output_dtype`).
     """
+    merge_config = adapters_on_theta0(merge_config)
     check_inputs(merge_config, options)
     folders = {m: m.local_path(options.transformers_cache, ignore_lora=True) for m in merge_config.referenced_models()}
     check_output_folder(out_path, folders)
     return merge_config.model_copy(update={"out_dtype": output_dtype(merge_config, options)})
+
+
+def adapters_on_theta0(merge_config):
+    """An aligned model given as a PEFT LoRA adapter folder is theta0 + the adapter: mergekit's
+    `theta0+ADAPTER`, checked first against theta0 (the base it was trained on, its shapes)."""
+    from mergekit_expo.adapter import check_base, is_adapter, read_adapter, theta0_shapes_and_tensors
+
+    theta0 = merge_config.base_model
+    adapters = [m for m in merge_config.models or [] if m.model.lora is None and is_adapter(m.model.model.path)]
+    if theta0 is None or not adapters:
+        return merge_config
+    shapes, _ = theta0_shapes_and_tensors(theta0.model.path, [])
+    models = []
+    for model in merge_config.models:
+        if model in adapters:
+            check_base(read_adapter(model.model.model.path), theta0.model.path, shapes)
+            reference = theta0.model_copy(update={"lora": model.model.model})
+            model = model.model_copy(update={"model": reference})
+        models.append(model)
+    return merge_config.model_copy(update={"models": models})
 
 
 def check_inputs(merge_config, options) -> None:

@@ -87,3 +87,28 @@ def test_dora_another_base_and_a_taken_out_folder_are_refused(lora, tmp_path):
     result = run_cli("mergekit-expo", "adapter", lora["adapter"], "--alpha", 0.3, "--out", taken, check=False)
     assert result.returncode != 0 and "not an empty folder" in result.stderr
     assert (taken / "mine.txt").read_text() == "keep me"
+
+
+def test_mergekit_yaml_takes_an_adapter_as_the_aligned_model(lora, tmp_path):
+    """`models: - model: ADAPTER` is theta0 + the adapter; the merge equals the one from theta1's weights."""
+    def recipe(aligned, name):
+        return write_recipe(tmp_path / f"{name}.yaml", {
+            "merge_method": "expo", "base_model": str(lora["theta0"]), "dtype": "float32",
+            "parameters": {"alpha": 0.4}, "models": [{"model": str(aligned)}],
+        })
+
+    from_adapter = recipe(lora["adapter"], "adapter")
+    result = run_cli("mergekit-yaml", from_adapter, tmp_path / "a", check=False)
+    assert result.returncode != 0 and "--lora-merge-cache" in result.stderr and "Traceback" not in result.stderr
+    run_cli("mergekit-yaml", from_adapter, tmp_path / "a", "--lora-merge-cache", tmp_path / "lora_cache")
+    run_cli("mergekit-yaml", recipe(lora["theta1"], "weights"), tmp_path / "w")
+    merged, weights = state(tmp_path / "a"), state(tmp_path / "w")
+    for name in weights:
+        torch.testing.assert_close(merged[name], weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    other = build_family(str(tmp_path / "other"), aligned=(), dtype=torch.float32, seed=1)["sft"]
+    wrong = write_recipe(tmp_path / "wrong.yaml", {
+        "merge_method": "expo", "base_model": other, "parameters": {"alpha": 0.4}, "models": [{"model": str(lora["adapter"])}],
+    })
+    result = run_cli("mergekit-yaml", wrong, tmp_path / "x", "--lora-merge-cache", tmp_path / "lora_cache", check=False)
+    assert result.returncode != 0 and "trained on" in result.stderr and "Traceback" not in result.stderr
