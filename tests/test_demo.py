@@ -289,12 +289,12 @@ def test_quick_run_sweeps_every_checkpoint(quick, regime):
         for name in ("results.json", "results.csv", "best.yaml", "card_table.md", "reward_vs_alpha.png", "demo.json"):
             assert (sweep / name).is_file(), sweep / name
         results = json.loads((sweep / "results.json").read_text())
-        # chosen by agreement of both reward models (select_with), the first the single-scorer rules' one
-        assert results["selection"]["rule"] == "agreement" and results["selector"] == reward_models[0]
+        # chosen by trust-region of both reward models (select_with), the first the single-scorer rules' one
+        assert results["selection"]["rule"] == "trust-region" and results["selector"] == reward_models[0]
         assert all(path in results["selection"]["description"] for path in reward_models)
         summary = json.loads((sweep / "demo.json").read_text())
         assert list(summary["alphas"]) == list(TALLIED)
-        assert summary["alphas"]["agreement"] == results["chosen_alpha"]
+        assert summary["alphas"]["trust-region"] == results["chosen_alpha"]
         assert set(summary["alphas"].values()) <= grid
         evaluated = {(r["alpha"], r["split"]) for r in summary["results"]}
         assert {(a, split) for a in grid for split in ("select", "report")} <= evaluated  # every dev alpha on test too
@@ -312,7 +312,7 @@ def test_quick_run_report(quick, regime):
     out = quick["out"] / regime
     report = (out / "report.md").read_text()
     expected = (f"# ExPO demo, {regime} answers", "| model |", "SFT", "DPO 10%", "DPO 100%", "alpha by RM",
-                "alpha by agreement", "alpha by truth", "paper's claims", "## Examples",
+                "alpha by trust-region", "alpha by truth", "paper's claims", "## Examples",
                 "each rule against the ground truth", "KL(theta1 || theta0)", "Stage timings")
     for text in expected:
         assert text in report, text
@@ -452,25 +452,25 @@ def test_rule_evidence_over_seeds_counts_misses_and_falls():
     rules = {**dict.fromkeys(TALLIED, 1.0), "reward-max": 8.0, "oracle": 2.0}
     runs = [
         [checkpoint(0, rules, {0.0: 0.3, 1.0: 0.4, 2.0: 0.42, 8.0: -0.8}, 0.12)],  # alpha 1 within noise of 2
-        [checkpoint(1, {**rules, "agreement": 0.0}, {0.0: 0.3, 1.0: 0.5, 2.0: 0.7, 8.0: 0.1}, 0.34)],  # 0 misses
+        [checkpoint(1, {**rules, "trust-region": 0.0}, {0.0: 0.3, 1.0: 0.5, 2.0: 0.7, 8.0: 0.1}, 0.34)],  # 0 misses
     ]
     outcomes = rule_outcomes(runs)
     assert list(outcomes) == list(TALLIED)
     assert outcomes["reward-max"]["below_alpha_0"] == 2 and outcomes["reward-max"]["within_one_se_of_oracle"] == 0
-    assert outcomes["agreement"]["below_alpha_0"] == 0 and outcomes["agreement"]["within_one_se_of_oracle"] == 1
-    assert outcomes["agreement"]["misses"] == [
+    assert outcomes["trust-region"]["below_alpha_0"] == 0 and outcomes["trust-region"]["within_one_se_of_oracle"] == 1
+    assert outcomes["trust-region"]["misses"] == [
         "seed 1, DPO 10% of an epoch: alpha 0, 0.40 below the oracle's alpha 2 (± 0.07)"
     ]
-    assert outcomes["agreement"]["by_seed"]["0"]["within_one_se_of_oracle"] == 1
-    assert outcomes["agreement"]["by_seed"]["1"]["within_one_se_of_oracle"] == 0
-    assert outcomes["agreement"]["mean_shortfall"] == pytest.approx((0.02 + 0.4) / 2)
-    assert not goal_met(outcomes["agreement"]) and goal_met(outcomes["oracle"])
+    assert outcomes["trust-region"]["by_seed"]["0"]["within_one_se_of_oracle"] == 1
+    assert outcomes["trust-region"]["by_seed"]["1"]["within_one_se_of_oracle"] == 0
+    assert outcomes["trust-region"]["mean_shortfall"] == pytest.approx((0.02 + 0.4) / 2)
+    assert not goal_met(outcomes["trust-region"]) and goal_met(outcomes["oracle"])
     assert [row["KL(theta1 || theta0)"] for row in evidence_rows(runs)] == ["0.12 ± 0.01", "0.34 ± 0.01"]
     text = "\n".join(evidence_lines(runs, outcomes))
-    assert "The default `agreement` does not meet the goal here." in text
+    assert "The default `trust-region` does not meet the goal here." in text
     assert "| 0 | DPO 10% of an epoch | 0.12 ± 0.01 | 0.30 ± 0.05 | 1: 0.40 ± 0.05 |" in text
     assert "| `reward-max` | 2 of 2 (1, 1) | 0 of 2 (0, 0) | 0.910 (1.220, 0.600) |" in text
-    assert "| `agreement` | 0 of 2 (0, 0) | 1 of 2 (1, 0) | 0.210 (0.020, 0.400) |" in text
+    assert "| `trust-region` | 0 of 2 (0, 0) | 1 of 2 (1, 0) | 0.210 (0.020, 0.400) |" in text
     assert "| `kl-bound` | 0 of 2 (0, 0) | 1 of 2 (1, 0) | 0.110 (0.020, 0.200) |" in text
     assert "| `oracle` | 0 of 2 (0, 0) | 2 of 2 (1, 1) | 0.000 (0.000, 0.000) |" in text
 

@@ -107,7 +107,7 @@ def test_the_other_rules_choice_is_reported_when_it_differs():
     (note,) = other_rule_flags(results, chosen, Selection(RM, "kl-bound"))
     assert note.startswith("reward-max would choose alpha=4") and "kl-bound chose alpha=1" in note
     paper = choose_alpha(results, Selection(RM, "reward-max"))
-    assert other_rule_flags(results, paper, Selection(RM, "reward-max"))[0].startswith("agreement would choose alpha=")
+    assert other_rule_flags(results, paper, Selection(RM, "reward-max"))[0].startswith("trust-region would choose alpha=")
     assert other_rule_flags(results[:1], results[0], Selection(RM, "kl-bound")) == []
 
 

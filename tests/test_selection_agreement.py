@@ -1,4 +1,4 @@
-"""The default rule, agreement: scale-free at the paper's scale, and still not hacked.
+"""The agreement rule (the default before trust-region): scale-free at the paper's scale.
 
 The paper-scale cases are built from the paper's own numbers (arXiv 2404.16792): Table 2's
 RM-Mistral-7B rewards at alpha 0 and at the optimal alpha, and Table 6's UltraFeedback dev
@@ -60,9 +60,9 @@ def paper_curve(r0, r_best, alpha_best, kl_theta1, scale=1.0, growth=1.0, scorer
 
 @pytest.mark.parametrize("kl_theta1", [1.0, 5.0, 20.0])
 @pytest.mark.parametrize("model, r0, r_best, alpha_best", TABLE_2 + TABLE_6)
-def test_the_default_takes_the_papers_gains_at_any_kl(model, r0, r_best, alpha_best, kl_theta1):
+def test_agreement_takes_the_papers_gains_at_any_kl(model, r0, r_best, alpha_best, kl_theta1):
     results = paper_curve(r0, r_best, alpha_best, kl_theta1)
-    chosen = choose_alpha(results, Selection(RM_MISTRAL, reward_accuracy=ACCURACY))
+    chosen = choose_alpha(results, Selection(RM_MISTRAL, "agreement", reward_accuracy=ACCURACY))
     assert chosen.alpha == alpha_best, (model, kl_theta1)
 
 
@@ -77,14 +77,14 @@ def test_kl_bound_refuses_them_where_answers_are_long(model, r0, r_best, alpha_b
 def test_two_reward_models_of_any_scale_agree_on_the_papers_gain(scale):
     """FsfairX beside RM-Mistral-7B: the scorers' units do not matter, each gain is in its own spread."""
     results = paper_curve(4.70, 6.95, 2.5, 10.0, scale=scale, scorers=(RM_MISTRAL, FSFAIRX))
-    assert choose_alpha(results, Selection(RM_MISTRAL, others=(FSFAIRX,))).alpha == 2.5
+    assert choose_alpha(results, Selection(RM_MISTRAL, "agreement", others=(FSFAIRX,))).alpha == 2.5
 
 
 def test_a_kl_that_outgrows_first_order_stops_the_walk_at_any_scale():
     """The same Table 2 gain, but the step leaves the direction (KL 3x first order): not taken."""
     for kl_theta1 in (0.01, 1.0, 20.0):
         results = paper_curve(4.70, 6.95, 2.5, kl_theta1, growth=3.0)
-        rule = Selection(RM_MISTRAL)
+        rule = Selection(RM_MISTRAL, "agreement")
         assert choose_alpha(results, rule).alpha == 0.0
         assert any("first-order" in note for note in rule.problems(results))
 
@@ -101,7 +101,7 @@ def hacked():
 def test_a_second_scorer_that_turns_down_stops_the_walk():
     results = hacked()
     assert choose_alpha(results, Selection("rm_a", "reward-max")).alpha == 4.0
-    rule = Selection("rm_a", others=("rm_b",))
+    rule = Selection("rm_a", "agreement", others=("rm_b",))
     assert choose_alpha(results, rule).alpha == 1.0
     (stop,) = rule.problems(results)
     assert stop.startswith("agreement stopped at alpha=2: rm_b fell from 1.35 at alpha=1 to 1")
@@ -109,7 +109,7 @@ def test_a_second_scorer_that_turns_down_stops_the_walk():
 
 def test_one_scorer_is_named_with_what_it_gives_up():
     results = hacked()
-    rule = Selection("rm_a")
+    rule = Selection("rm_a", "agreement")
     assert choose_alpha(results, rule).alpha == 4.0  # on the first-order path, one scorer cannot tell
     assert any("one scorer (rm_a)" in note and "add a second reward model" in note for note in rule.problems(results))
 
@@ -117,7 +117,7 @@ def test_one_scorer_is_named_with_what_it_gives_up():
 def test_the_walk_stops_at_a_collapse_even_if_a_later_alpha_looks_healthy():
     results = hacked()
     results[2] = results[2].model_copy(update={"collapsed": True, "collapse_reasons": ["never ends"]})
-    rule = Selection("rm_a", others=("rm_b",))
+    rule = Selection("rm_a", "agreement", others=("rm_b",))
     assert choose_alpha(results, rule).alpha == 0.5
     assert rule.problems(results)[0].startswith("agreement stopped at alpha=1: collapsed (never ends)")
 
@@ -127,7 +127,7 @@ def test_the_walk_goes_out_on_each_side_of_zero():
     results = hacked() + [
         candidate(-0.5, {"rm_a": 0.9, "rm_b": 1.5}).model_copy(update={"kl": 0.025, "kl_stderr": 0.001})
     ]
-    rule = Selection("rm_a", others=("rm_b",))
+    rule = Selection("rm_a", "agreement", others=("rm_b",))
     values = {r.alpha: r.selection_value for r in rule.annotate(results)}
     assert values[2.0] is None and values[4.0] is None and values[-0.5] is not None
     assert choose_alpha(results, rule).alpha == 1.0  # -0.5 loses rm_a: its worst gain is below 0
@@ -137,10 +137,10 @@ def test_theta1_without_a_kl_distance_turns_the_kl_test_off_and_says_so():
     """alpha 0's KL clearly below zero: nothing to compare a candidate's KL with. One scorer keeps
     alpha 0 (nothing else guards); two walk on their agreement alone, with a warning either way."""
     results = [r.model_copy(update={"kl": 1000.0 if r.alpha else -5.0, "kl_stderr": 0.1}) for r in hacked()]
-    alone = Selection("rm_a")
+    alone = Selection("rm_a", "agreement")
     assert choose_alpha(results, alone).alpha == 0.0
     assert any("kept alpha=0" in note and "below zero" in note for note in alone.problems(results))
-    both = Selection("rm_a", others=("rm_b",))
+    both = Selection("rm_a", "agreement", others=("rm_b",))
     assert choose_alpha(results, both).alpha == 1.0
     assert any("without its KL test" in note for note in both.problems(results))
 
@@ -149,7 +149,7 @@ def test_a_scorer_without_spread_is_left_out_and_named():
     """A constant scorer cannot say a candidate is better; it must not veto every alpha."""
     flat = [r.model_copy(update={"scores": {**r.scores, "const": r.scores["rm_a"].model_copy(update={"mean": 1.0, "stderr": 0.0})}})
             for r in hacked()]
-    rule = Selection("rm_a", others=("rm_b", "const"))
+    rule = Selection("rm_a", "agreement", others=("rm_b", "const"))
     assert choose_alpha(flat, rule).alpha == 1.0
     assert any(note.startswith("const had no spread") for note in rule.problems(flat))
 
@@ -160,7 +160,7 @@ def test_a_search_refines_around_alpha_zero_when_it_wins():
 
     results = hacked()
     baseline, searched = results[0], results[4:]  # alpha 4 only, where rm_b has turned down
-    rule = Selection("rm_a", others=("rm_b",))
+    rule = Selection("rm_a", "agreement", others=("rm_b",))
     assert bisection_points(searched, rule, baseline, min_step=0.1) == [2.0]
 
 

@@ -108,9 +108,9 @@ def test_a_model_with_all_zero_logits_is_not_chosen_end_to_end(family, tmp_path,
     out = tmp_path / "out"
     result = run_cli("mergekit-expo", "sweep", recipe, "--out", out, "--prompts", "smoke", "--device", "cpu",
                      "--alphas", "0,1e30", "--reward-model", "rewards:shortness")
-    assert "Chosen alpha: 0 (rule agreement" in result.stdout
+    assert "Chosen alpha: 0 (rule trust-region" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
-    assert any(w.startswith("Warning: agreement stopped at alpha=1e+30:") and "too noisy" in w for w in warnings), warnings
+    assert any(w.startswith("Warning: trust-region left out alpha=1e+30:") and "too noisy" in w for w in warnings), warnings
     assert any(w.startswith("Warning: reward-max would choose alpha=1e+30") for w in warnings), warnings
     document = json.loads((out / "results.json").read_text())
     assert document["chosen_alpha"] == 0

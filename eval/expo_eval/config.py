@@ -133,7 +133,7 @@ class SweepConfig(BaseModel):
     select_with: Optional[List[str]] = Field(
         None,
         min_length=1,
-        description="Reward models that choose alpha (repeatable; default: all of them). agreement asks each of them; "
+        description="Reward models that choose alpha (repeatable; default: all of them). trust-region and agreement ask each of them; "
         "reward-max and kl-bound use the first.",
     )
     trust_remote_code: bool = Field(
@@ -143,22 +143,24 @@ class SweepConfig(BaseModel):
     )
     select: Rule = Field(
         DEFAULT_RULE,
-        description="How alpha is chosen: agreement (out from alpha 0 while every scorer still agrees answers improve "
-        "and the KL grows as a first-order step predicts), kl-bound (reward less what its errors could gain at the "
-        "candidate's KL from theta0) or reward-max (the paper's highest mean reward).",
+        description="How alpha is chosen: trust-region (the scorers' mean standardized gain, among candidates no further "
+        "from theta0 than twice theta1's distance sqrt(KL), less a worst-case error charge on the KL beyond first "
+        "order), agreement (out from alpha 0 while every scorer keeps rising and the KL grows as a first-order step "
+        "predicts), kl-bound (reward less what its errors could gain at the candidate's KL from theta0) or "
+        "reward-max (the paper's highest mean reward).",
     )
     reward_accuracy: float = Field(
         DEFAULT_REWARD_ACCURACY,
         ge=0.5,
         le=1,
         allow_inf_nan=False,
-        description="The choosing reward model's pairwise accuracy on held-out preferences (kl-bound's error scale).",
+        description="The choosing reward model's pairwise accuracy on held-out preferences: the share of its spread that is error (the error charge of trust-region and kl-bound).",
     )
     kl_prompts: int = Field(
         128,
         ge=2,
         description="Select prompts on which each candidate is also sampled plainly (temperature 1, no top-k/top-p, no "
-        "penalties) to estimate KL(candidate || theta0), which agreement and kl-bound test; the paper's settings "
+        "penalties) to estimate KL(candidate || theta0), which trust-region, agreement and kl-bound use; the paper's settings "
         "sample another distribution, so an estimate from them is biased.",
     )
     include_sft: bool = Field(False, description="Also evaluate the SFT model (theta0).")

@@ -1,40 +1,42 @@
 """How a sweep chooses alpha: a named rule applied to the scorers' results.
 
-`agreement` (the default) rests on what ExPO is: a first-order step along theta1 - theta0,
-the direction alignment already moved. It helps while the extrapolated model stays in the
-regime where that direction still means what it meant, and two things a user has show when
-it does not, at any answer length:
+`trust-region` (the default) rests on what ExPO is: one more step along theta1 - theta0, the
+direction alignment already moved, taken on a model of the reward that is linear in alpha.
+That model is only as good as the ground the step has covered, so the rule trusts it within a
+region the size of the alignment step itself, and charges what it cannot explain:
 
-- the scorers stop agreeing that answers improve. Extrapolation finds a reward model's own
-  errors first; a second reward model trained on other data does not share them, so each
-  scorer's mean must not fall (beyond FALL_Z standard errors) below its best on the way out
-  from alpha = 0 (Coste et al. 2023, ensembles; Eisenstein et al. 2023, why one is not enough);
-- the model moves from theta0 faster than a step along the direction can. To first order
-  log pi_alpha - log pi_0 = (1 + alpha) (log pi_1 - log pi_0), so
-  KL(candidate || theta0) = (1 + alpha)^2 KL(theta1 || theta0). The rule stops where the KL's
-  lower confidence bound exceeds KL_GROWTH times that (theta1's KL at its upper bound). It is a
-  ratio: the same at 0.01 nats on short answers and 20 nats on long ones, where the KL itself
-  measures length as much as change.
+- the region: to first order log pi_alpha - log pi_0 = (1 + alpha) (log pi_1 - log pi_0), so
+  sqrt(KL(candidate || theta0)) is a distance that grows as (1 + alpha) sqrt(KL(theta1 || theta0)).
+  A candidate is considered only while that distance is at most TRUST_RADIUS (2) times theta1's:
+  no further from theta0 than alignment went, once more (KL at most 4x theta1's, its lower
+  confidence bound against theta1's upper one). A ratio, so the same at 0.01 nats on short answers
+  and 20 nats on long ones, where the KL measures length as much as change;
+- the value: the scorers' mean standardized gain over alpha = 0 (each scorer's mean difference in
+  units of its own per-response spread on theta1: reward models of any scale compare, independent
+  errors average out) less kl-bound's worst-case error charge on the KL beyond first order only,
+  sigma_e / sd * sqrt(2 * max(KL - (1 + alpha)^2 KL(theta1 || theta0), 0)): the part of the move
+  that is not the step any more is where a reward model's errors can be exploited.
 
-The walk goes out from alpha = 0 on each side and stops at the first candidate that fails either
-test or collapsed; among those before it, where no scorer has turned down, the rule takes the one
-whose mean standardized gain over alpha = 0 is highest (each scorer's mean difference in units of its
-own per-response spread on theta1, so reward models of any scale compare; independent errors average
-out in the mean). With one scorer only the KL test guards
-against a reward model hacked along the direction itself; the sweep then says so and suggests a
-second, independently trained scorer.
+What it gives up: gains beyond one more step (alpha above about 1 at first order), which
+under-trained checkpoints sometimes have (the paper's alpha 8 for DPO at 10% of an epoch). With
+one scorer the same region holds; the sweep says so and suggests a second, independently
+trained scorer.
 
-`reward-max` is the paper's rule: the highest mean reward, which a hacked reward model
-follows off a cliff. `kl-bound` charges each candidate the most a reward model's errors could
-contribute at its KL from theta0 (the Donsker-Varadhan bound):
+`agreement` walks out from alpha = 0 while every scorer keeps rising (none falls FALL_Z standard
+errors below its best) and the KL grows at most KL_GROWTH times first order; it follows reward
+models that are hacked together, and kept alpha 0 only because a biased KL estimate stopped it.
+`reward-max` is the paper's rule: the highest mean reward, which a hacked reward model follows
+off a cliff. `kl-bound` charges each candidate the most a reward model's errors could contribute
+at its KL from theta0 (the Donsker-Varadhan bound):
 
     value = mean reward - sigma_e * sqrt(2 * KL(candidate || theta0))
 
 safe, and blind to scale: sequence-level KL grows with answer length, so on 7B chat models
 (nats to tens of nats) it keeps alpha 0. sigma_e follows from the reward model's pairwise
 accuracy with Gaussian true rewards and errors: sigma_e = sd_scores * cos(pi * (accuracy - 1/2)).
-KL is a sampled estimate: a rule charges its upper confidence bound (`kl_distance`) and tests its
-lower one, so a distance the samples cannot tell from zero never counts as zero.
+KL is estimated from plain samples of each candidate: a rule charges its upper confidence bound
+(`kl_distance`) and tests its lower one, so a distance the samples cannot tell from zero never
+counts as zero.
 """
 
 import math
@@ -45,14 +47,17 @@ from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 from expo_eval.records import CandidateResult
 from mergekit_expo.errors import ExpoError
 
-Rule = Literal["agreement", "kl-bound", "reward-max"]
-RULES = ("agreement", "kl-bound", "reward-max")
-DEFAULT_RULE: Rule = "agreement"
+Rule = Literal["trust-region", "agreement", "kl-bound", "reward-max"]
+RULES = ("trust-region", "agreement", "kl-bound", "reward-max")
+DEFAULT_RULE: Rule = "trust-region"
 DEFAULT_REWARD_ACCURACY = 0.75
 # Standard errors in every confidence statement on a KL estimate: one this far below zero is not
-# a distance (KL >= 0; the responses sampled with temperature, top-k/top-p and penalties are not
-# draws from the models scored), and the distance charged is the estimate plus this many.
+# a distance (KL >= 0: the log-probabilities do not belong to the samples), and the distance
+# charged is the estimate plus this many.
 KL_Z = 2.0
+# trust-region: how far from theta0 a candidate may be, as a multiple of theta1's distance
+# sqrt(KL(theta1 || theta0)): 2 is one more step as long as alignment's own.
+TRUST_RADIUS = 2.0
 # How much faster than the first-order (1 + alpha)^2 KL(theta1 || theta0) the KL may grow before
 # the step is no longer along the direction alignment took: a factor, not a distance.
 KL_GROWTH = 2.0
@@ -77,6 +82,7 @@ class Selection:
     others: Tuple[str, ...] = ()
     kl_growth: float = KL_GROWTH
     fall_z: float = FALL_Z
+    radius: float = TRUST_RADIUS
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -88,7 +94,8 @@ class Selection:
     @property
     def scorers(self) -> Tuple[str, ...]:
         """The scorers this rule reads."""
-        return tuple(dict.fromkeys((self.scorer, *self.others))) if self.rule == "agreement" else (self.scorer,)
+        many = self.rule in ("agreement", "trust-region")
+        return tuple(dict.fromkeys((self.scorer, *self.others))) if many else (self.scorer,)
 
     def spread_scorers(self, baseline: CandidateResult) -> Tuple[str, ...]:
         """agreement's scorers that have a spread on alpha = 0 to measure gains in (all of them if
@@ -115,10 +122,39 @@ class Selection:
             if baseline is None:
                 raise SelectionError("choosing needs alpha = 0 on the select prompts")
             return standardized_gains(result, baseline, self.spread_scorers(baseline), statistics.fmean)
+        if self.rule == "trust-region":
+            return self._trusted_gain(result, baseline)
         distance = kl_distance(needs_kl(result, self.rule), baseline)
         if distance is None:
             return mean if result.alpha == 0 else None  # theta1 itself needs no distance to be chosen
         return mean - self.error_sd(baseline) * math.sqrt(2 * distance)
+
+    def _trusted_gain(self, result: CandidateResult, baseline: Optional[CandidateResult]) -> Optional[float]:
+        """trust-region's value: None outside the region (or where the KL cannot be placed)."""
+        if baseline is None:
+            raise SelectionError("choosing needs alpha = 0 on the select prompts")
+        gain = standardized_gains(result, baseline, self.spread_scorers(baseline), statistics.fmean)
+        if result.alpha == 0:
+            return gain
+        if result.collapsed or self.outside(result, baseline) is not None:
+            return None
+        distance, theta1 = kl_distance(result, baseline), kl_distance(baseline, baseline)
+        excess = distance - (1 + result.alpha) ** 2 * theta1
+        excess = excess if excess > 1e-9 * distance else 0.0  # on the first-order path up to rounding: none
+        return gain - math.cos(math.pi * (self.reward_accuracy - 0.5)) * math.sqrt(2 * excess)
+
+    def outside(self, result: CandidateResult, baseline: CandidateResult) -> Optional[str]:
+        """Why a candidate lies outside trust-region's region (None: inside)."""
+        needs_kl(result, self.rule)
+        problem = kl_problem(baseline, baseline) or kl_problem(result, baseline)
+        if problem is not None:
+            return problem
+        theta1 = kl_distance(baseline, baseline)
+        lower = result.kl - KL_Z * (result.kl_stderr or 0.0)
+        if lower > self.radius ** 2 * theta1:
+            return (f"KL(candidate || theta0) {result.kl:.3g} ± {result.kl_stderr or 0:.2g} is beyond {self.radius ** 2:g}x "
+                    f"theta1's (at most {theta1:.3g} nats): further from theta0 than {self.radius:g} alignment steps")
+        return None
 
     def path(self, candidates: List[CandidateResult], baseline: Optional[CandidateResult]) -> Tuple[List[CandidateResult], List[str]]:
         """`agreement`'s walk out from alpha = 0 on each side: the candidates before the first that
@@ -149,8 +185,21 @@ class Selection:
 
     def problems(self, results: List[CandidateResult]) -> List[str]:
         """Warnings where the rule could not do its job, or what it rests on: kl-bound's missing
-        spread or unplaceable KL estimates, agreement's stops and a single scorer."""
+        spread or unplaceable KL estimates, agreement's stops, trust-region's region, a single scorer."""
         baseline = baseline_of(results)
+        if self.rule == "trust-region":
+            if baseline is None:
+                return []
+            select = sorted((r for r in results if r.split == "select" and r.alpha not in (None, 0)), key=lambda r: r.alpha)
+            outside = [(r, why) for r in select for why in [self.outside(r, baseline)] if why is not None]
+            notes = [f"trust-region left out {r.label}: {why}" for r, why in outside]
+            if len(self.spread_scorers(baseline)) == 1:
+                notes.append(
+                    f"trust-region had one scorer ({self.scorer}): within the region nothing checks it against another "
+                    "reward model's view; add a second reward model trained on other data (--reward-model; with "
+                    "--select-with, name it there too)"
+                )
+            return notes
         if self.rule == "agreement":
             select = [r for r in results if r.split == "select" and r.alpha is not None]
             if baseline is None:
@@ -208,6 +257,12 @@ class Selection:
         return max(rated, key=lambda pair: preference(pair[0], pair[1].alpha), default=(None, None))[1]
 
     def describe(self) -> str:
+        if self.rule == "trust-region":
+            return (
+                f"trust-region of {', '.join(self.scorers)} (candidates no further from theta0 than {self.radius:g}x "
+                "theta1's distance sqrt(KL); the highest mean standardized gain less the worst-case error charge on "
+                "the KL beyond first order)"
+            )
         if self.rule == "reward-max":
             return f"reward-max (the highest mean of {self.scorer})"
         if self.rule == "agreement":
@@ -251,15 +306,12 @@ def stop_reason(
     result: CandidateResult, best: Dict[str, CandidateResult], baseline: CandidateResult, growth: float, fall_z: float
 ) -> Optional[str]:
     """Why `agreement` goes no further than `result` (None: it may): a collapse, a KL estimate that
-    is no number or too noisy to place (`kl_problem`; one clearly below zero, the sampling's bias,
-    shows no growth), a scorer falling below its best so far (`best`, by scorer), or a KL above
-    `growth` times first order."""
+    cannot be placed (`kl_problem`), a scorer falling below its best so far (`best`, by scorer), or
+    a KL above `growth` times first order."""
     if result.collapsed:
         return "collapsed (" + "; ".join(result.collapse_reasons) + ")"
-    kl, stderr = result.kl, result.kl_stderr or 0.0
-    below_zero = math.isfinite(kl) and math.isfinite(stderr) and kl + KL_Z * stderr < 0
     problem = kl_problem(result, baseline)
-    if problem is not None and not below_zero:  # a biased estimate below zero shows no growth: walk on
+    if problem is not None:
         return problem
     for scorer, top in best.items():
         drop = top.score(scorer) - result.score(scorer)
@@ -314,8 +366,8 @@ def kl_problem(result: CandidateResult, baseline: Optional[CandidateResult]) -> 
         return f"{estimate} is not a finite number"
     if kl + KL_Z * stderr < 0:
         return (
-            f"{estimate} is below zero by more than {KL_Z:g} standard errors (the responses were sampled with "
-            "temperature, top-k/top-p and penalties, the log-probabilities are the models' own)"
+            f"{estimate} is below zero by more than {KL_Z:g} standard errors, which a KL never is: the "
+            "log-probabilities do not belong to the samples they were taken on"
         )
     if result.alpha != 0 and kl < KL_Z * stderr:
         theta1 = (kl_distance(baseline, baseline) if baseline is not None else None) or 0.0

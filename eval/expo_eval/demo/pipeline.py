@@ -27,7 +27,7 @@ from expo_eval.store import digest
 
 EXAMPLES = 4  # test responses kept per reported alpha, for the report
 # Reward models per run, each from its own half of the reward pairs and its own seed: the
-# independent scorers that the agreement rule asks, and that an ensemble needs.
+# independent scorers that the trust-region rule averages, and that an ensemble needs.
 REWARD_MODELS = ("a", "b")
 CURRICULUM_BATCH = 64  # the short regime's SFT batch: what taught its model to copy nouns
 
