@@ -18,7 +18,9 @@ from pathlib import Path
 
 
 def main() -> int:
-    from expo_eval.demo.pipeline import FULL_SEEDS, GROUND_TRUTH, REGIMES, Layout, load_summaries, run_demo
+    from expo_eval.demo.pipeline import load_summaries, run_demo
+    from expo_eval.demo.rules import GROUND_TRUTH
+    from expo_eval.demo.settings import FULL_SEEDS, REGIMES, Layout
     from expo_eval.demo.report import build, print_summary
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # mergekit.common imports peft: seconds that `inspect` does not need
     from mergekit_expo.compat import ModelReference
@@ -133,3 +133,17 @@ def check_index(path: str) -> None:
         raise ValueError(
             f"{path} names the shard {missing[0]}{more}, missing from {folder}"
         )
+
+
+def tied_embeddings_mismatch(base, tied, model, other) -> Optional[str]:
+    """The message for an SFT model and an aligned model that disagree on tie_word_embeddings
+    (None, or a setting that is None, agrees); the merge refuses it, `inspect` warns."""
+    if tied is None or other is None or bool(tied) == bool(other):
+        return None
+    return (
+        f"tie_word_embeddings differs: the SFT model {base} has "
+        f"tie_word_embeddings={bool(tied)}, the aligned model {model} has "
+        f"tie_word_embeddings={bool(other)}; expo needs both configured the same "
+        "(save the tied model untied, with lm_head = embed_tokens, and set "
+        "tie_word_embeddings: false)"
+    )

@@ -22,11 +22,10 @@ from mergekit.io import LazyTensorLoader, ShardedTensorIndex
 from tqdm import tqdm
 
 from mergekit_expo import advice
-from mergekit_expo.checks import check_folder, is_hub_id
+from mergekit_expo.checks import check_folder, is_hub_id, tied_embeddings_mismatch
 from mergekit_expo.errors import ExpoError
 from mergekit_expo.extrapolation import compute_dtype, extrapolate
 from mergekit_expo.method import NonFiniteError, check_finite_input, check_fits
-from mergekit_expo.run import tied_embeddings_mismatch
 from mergekit_expo.stats import (
     Change,
     Summary,

@@ -29,8 +29,14 @@ from safetensors import SafetensorError
 
 from mergekit_expo import compat, rules, stats
 from mergekit_expo.card import expo_card
+from mergekit_expo.checks import (
+    check_architectures,
+    check_lora_cache,
+    check_model_files,
+    check_remote_code,
+    tied_embeddings_mismatch,
+)
 from mergekit_expo.errors import ExpoError
-from mergekit_expo.checks import check_architectures, check_lora_cache, check_model_files, check_remote_code
 from mergekit_expo.lock import OutputLock, OutputLockedError
 from mergekit_expo.method import expo_merge
 from mergekit_expo.signals import deferred_interrupts, terminate_cleanly
@@ -233,20 +239,6 @@ def check_tied_embeddings(merge_config, options) -> None:
         problem = tied_embeddings_mismatch(base, tied, model, other)
         if problem:
             raise ValueError(problem)
-
-
-def tied_embeddings_mismatch(base, tied, model, other) -> Optional[str]:
-    """The message for an SFT model and an aligned model that disagree on tie_word_embeddings
-    (None, or a setting that is None, agrees); the merge refuses it, `inspect` warns."""
-    if tied is None or other is None or bool(tied) == bool(other):
-        return None
-    return (
-        f"tie_word_embeddings differs: the SFT model {base} has "
-        f"tie_word_embeddings={bool(tied)}, the aligned model {model} has "
-        f"tie_word_embeddings={bool(other)}; expo needs both configured the same "
-        "(save the tied model untied, with lm_head = embed_tokens, and set "
-        "tie_word_embeddings: false)"
-    )
 
 
 def output_target(out_path: str) -> Path:

@@ -134,7 +134,8 @@ def test_held_out_prompts_are_distinct(shape):
 
 
 def test_stages_reuse_and_invalidate(tmp_path):
-    from expo_eval.demo.pipeline import QUICK, Layout, Stages
+    from expo_eval.demo.pipeline import Stages
+    from expo_eval.demo.settings import QUICK, Layout
 
     layout = Layout(tmp_path)
     runs = []
@@ -172,7 +173,8 @@ def test_every_stage_runs_seeded_on_the_demos_thread_count(tmp_path):
     import torch
     import torch.utils.deterministic
 
-    from expo_eval.demo.pipeline import QUICK, THREADS, Layout, Stages
+    from expo_eval.demo.pipeline import THREADS, Stages
+    from expo_eval.demo.settings import QUICK, Layout
 
     seen = []
 
@@ -199,7 +201,8 @@ def jsonl(path: Path) -> list:
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_task_stage_is_deterministic(tmp_path, regime):
-    from expo_eval.demo.pipeline import QUICK, Layout, make_task
+    from expo_eval.demo.pipeline import make_task
+    from expo_eval.demo.settings import QUICK, Layout
 
     settings, shape = QUICK[regime], task.SHAPES[regime]
     for name in ("a", "b"):
@@ -274,7 +277,7 @@ def test_quick_run_trains_every_model(quick, regime):
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_quick_run_sweeps_every_checkpoint(quick, regime):
-    from expo_eval.demo.pipeline import QUICK
+    from expo_eval.demo.settings import QUICK
     from expo_eval.demo.rules import TALLIED
 
     out = quick["out"] / regime

@@ -14,7 +14,7 @@ from conftest import expo_recipe, run_cli, write_recipe
 from expo_eval.cli import sweep
 from expo_eval.fingerprint import model_fingerprint
 from expo_eval.prompts import load_prompts
-from expo_eval.scoring import ScorerError, check_scorer, load_scorer
+from expo_eval.scoring import ScorerError, check_scorer, load_scorer, scorer_fingerprint
 from mergekit_expo.tiny import WORDS, build_reward_model, build_tokenizer
 
 GATED = '''
@@ -323,7 +323,7 @@ def test_the_fingerprint_covers_the_model_code(models, tmp_path):
     folder = tmp_path / "gated"
     shutil.copytree(models["gated"], folder)
     before = model_fingerprint(str(folder))
-    assert not before.startswith("name:") and model_fingerprint(f"{folder}#objective=2") == before
+    assert not before.startswith("name:") and scorer_fingerprint(f"{folder}#objective=2") == before
     code = folder / "modeling_gated.py"
     code.write_text(code.read_text().replace("dim=1)", "dim=1) * 2"))
     assert model_fingerprint(str(folder)) != before

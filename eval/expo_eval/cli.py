@@ -214,7 +214,8 @@ def demo(out, quick, force, seeds, regimes, workers):
 
     if importlib.util.find_spec("trl") is None:
         raise click.ClickException("the demo trains with TRL: pip install 'mergekit-expo[demo]'")
-    from expo_eval.demo.pipeline import QUICK, REGIMES, run_demo
+    from expo_eval.demo.pipeline import run_demo
+    from expo_eval.demo.settings import QUICK, REGIMES
     from expo_eval.demo.report import print_summary
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -12,7 +12,6 @@ timestamp tick could keep its ctime) or while it was read is hashed but not cach
 """
 
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -127,27 +126,10 @@ def local_folder(spec: str) -> Optional[str]:
 
 
 def model_fingerprint(spec: str) -> str:
-    """A model folder or Hub ID (a reward model's `#objective=K` names a column, not files; a
-    model's own code is among its small files); a Hub ID not downloaded yet is fingerprinted
-    by name only."""
-    from expo_eval.scoring import split_objective
-
-    folder = local_folder(split_objective(spec)[0])
+    """A model folder or Hub ID (a model's own code is among its small files); a Hub ID not
+    downloaded yet is fingerprinted by name only."""
+    folder = local_folder(spec)
     return folder_fingerprint(folder) if folder else f"name:{spec}"
-
-
-def function_fingerprint(spec: str) -> str:
-    """A `module:function` scorer by its whole module's source (its helpers and constants
-    too; modules it imports are not followed)."""
-    from expo_eval.scoring import import_scorer_module
-
-    module_name, _, _ = spec.partition(":")
-    module = import_scorer_module(spec)
-    try:
-        source = inspect.getsource(module)
-    except (OSError, TypeError):  # a compiled or built-in module
-        source = f"{module_name} {getattr(module, '__version__', '')} {getattr(module, '__file__', '')}"
-    return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
 def text_fingerprint(text: Optional[str]) -> Optional[str]:

@@ -11,10 +11,10 @@ from expo_eval.backends.base import BackendError
 from expo_eval.candidates import Candidates, RecipeError, load_recipe, merge_options
 from expo_eval.config import SweepConfig
 from expo_eval.files import read_text
-from expo_eval.fingerprint import function_fingerprint, model_fingerprint, text_fingerprint
+from expo_eval.fingerprint import model_fingerprint, text_fingerprint
 from expo_eval.prompts import Prompt, PromptError, load_prompts, shared_prompts, split_prompts
 from expo_eval.records import Split
-from expo_eval.scoring import FUNCTION_SPEC, Scorer, given_scorer_fingerprint, split_objective
+from expo_eval.scoring import Scorer, given_scorer_fingerprint, scorer_fingerprint, split_objective
 from mergekit_expo.merged_tokenizer import tokenizer_models
 from mergekit_expo.run import MergeError, check_inputs, describe
 
@@ -54,10 +54,8 @@ class SweepInputs:
         for name in self.config.reward_models:
             if name in self._scorers:  # an object passed in: its own fingerprint, or no cache
                 fingerprint = given_scorer_fingerprint(self._scorers[name])
-            elif FUNCTION_SPEC.match(name):
-                fingerprint = function_fingerprint(name)
             else:
-                fingerprint = model_fingerprint(name)
+                fingerprint = scorer_fingerprint(name)
             inputs[f"scorer {name}"] = fingerprint
         return inputs
 

@@ -1,6 +1,7 @@
 """Scorers: Hugging Face reward models (sequence classifiers, and ArmoRM / InternLM2-reward
 style models with their own code) and Python functions."""
 
+import hashlib
 import importlib
 import inspect
 import math
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from expo_eval.chat import render_ids
+from expo_eval.fingerprint import folder_fingerprint, local_folder
 from expo_eval.prompts import Prompt
 from mergekit_expo.errors import ExpoError
 
@@ -188,8 +190,6 @@ def missing_head_tensors(spec: str, config) -> List[str]:
     would otherwise get a randomly initialized head."""
     from transformers import AutoModelForSequenceClassification
 
-    from expo_eval.fingerprint import local_folder
-
     folder = local_folder(spec)
     if folder is None:
         return []  # checked when it loads (RewardModelScorer)
@@ -235,6 +235,21 @@ def import_scorer_module(spec: str):
     except Exception as error:  # the module's own code may raise anything
         first_line = (str(error).splitlines() or [""])[0]
         raise ScorerError(f"scorer {spec}: cannot import module {module} ({type(error).__name__}: {first_line})") from None
+
+
+def scorer_fingerprint(spec: str) -> str:
+    """What a named scorer's scores depend on: a `module:function` scorer's whole module source
+    (its helpers and constants too; modules it imports are not followed), a reward model's files
+    (`#objective=K` names a column, not files); a Hub ID not downloaded yet by name only."""
+    if FUNCTION_SPEC.match(spec):
+        module = import_scorer_module(spec)
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError):  # a compiled or built-in module
+            source = f"{module.__name__} {getattr(module, '__version__', '')} {getattr(module, '__file__', '')}"
+        return hashlib.sha256(source.encode()).hexdigest()[:24]
+    folder = local_folder(split_objective(spec)[0])
+    return folder_fingerprint(folder) if folder else f"name:{spec}"
 
 
 class FunctionScorer:

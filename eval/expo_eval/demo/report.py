@@ -7,13 +7,11 @@ only when it exceeds two standard errors, otherwise it is reported as a tie.
 
 import json
 import math
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
-
-if TYPE_CHECKING:  # the pipeline calls this module; it passes what the report needs
-    from expo_eval.demo.pipeline import DemoSettings, Layout
+from typing import Dict, List, Optional, Tuple
 
 from expo_eval.demo import task
 from expo_eval.demo.rules import DEFAULT, DESCRIPTIONS, GROUND_TRUTH, ORACLE, PAPER_RULE, RULE_ORDER, SENSITIVITY_NOTE, TALLIED
+from expo_eval.demo.settings import DemoSettings, Layout
 from expo_eval.files import write_atomic, write_text
 from expo_eval.records import CandidateResult
 
@@ -446,7 +444,7 @@ def figure(checkpoints: List[Checkpoint], sft_dev: CandidateResult, panels):
     return fig
 
 
-def write_plots(layout: "Layout", checkpoints: List[Checkpoint], sft_dev: CandidateResult) -> List[str]:
+def write_plots(layout: Layout, checkpoints: List[Checkpoint], sft_dev: CandidateResult) -> List[str]:
     rm = checkpoints[0].reward_model
     figures = {
         "reward_vs_alpha.png": [
@@ -484,7 +482,7 @@ def environment_text(environment: Dict[str, str]) -> str:
     return f"{libraries}, {environment['cpu_kernels']} CPU kernels, {threads} thread{'' if threads == '1' else 's'}"
 
 
-def task_text(settings: "DemoSettings") -> str:
+def task_text(settings: DemoSettings) -> str:
     shape = task.SHAPES[settings.shape]
     low, high = shape.nouns
     if shape.aspects:
@@ -501,7 +499,7 @@ def task_text(settings: "DemoSettings") -> str:
     )
 
 
-def setup_lines(settings: "DemoSettings", layout: "Layout", sampling, environment: Dict[str, str]) -> List[str]:
+def setup_lines(settings: DemoSettings, layout: Layout, sampling, environment: Dict[str, str]) -> List[str]:
     pairs = sum(1 for _ in (layout.pairs / "preference.jsonl").open())
     reward_pairs = [sum(1 for _ in layout.reward_pairs(i).open()) for i in range(len(layout.reward_models))]
     width, layers, ffn = settings.model_size
@@ -612,7 +610,7 @@ def document(settings, checkpoints, layout, rows, claim_list, plots, timings, sa
     return "\n".join(parts)
 
 
-def build(layout: "Layout", summaries: List[dict]) -> Tuple[List[Checkpoint], CandidateResult, CandidateResult]:
+def build(layout: Layout, summaries: List[dict]) -> Tuple[List[Checkpoint], CandidateResult, CandidateResult]:
     reward_models = [str(path) for path in layout.reward_models]
     checkpoints = [Checkpoint(s, reward_models) for s in summaries]
     first = checkpoints[0]
@@ -620,8 +618,8 @@ def build(layout: "Layout", summaries: List[dict]) -> Tuple[List[Checkpoint], Ca
 
 
 def write(
-    layouts: List["Layout"],
-    settings: "DemoSettings",
+    layouts: List[Layout],
+    settings: DemoSettings,
     timings: Dict[str, dict],
     runs: List[List[dict]],
     sampling,
