@@ -211,3 +211,46 @@ def test_print_table_marks_chosen_and_collapsed(sweep):
     assert text.count("collapsed:") == 2
     styled = console.export_html(inline_styles=True)
     assert "#008000" in styled and "#800000" in styled  # green chosen rows, red collapsed rows
+
+
+def test_figure_labels_are_short_and_distinct():
+    from expo_eval.report import recipe_subject, short_names
+
+    names = ["/runs/7/reward_models/a", "expo_eval.demo.task:ground_truth", "Ray2333/RM-Mistral-7B",
+             "/x/one/rm", "/y/one/rm", "org/ArmoRM#objective=2"]
+    assert short_names(names) == {
+        "/runs/7/reward_models/a": "reward_models/a",  # not just "a"
+        "expo_eval.demo.task:ground_truth": "ground_truth",
+        "Ray2333/RM-Mistral-7B": "RM-Mistral-7B",
+        "/x/one/rm": "x/one/rm",  # two folders named the same: as much path as tells them apart
+        "/y/one/rm": "y/one/rm",
+        "org/ArmoRM#objective=2": "ArmoRM#objective=2",
+    }
+    assert recipe_subject(MergeConfiguration.model_validate(yaml.safe_load(RECIPE))) == "ExPO of dpo from sft"
+
+
+def test_reward_vs_kl_marks_the_choice_and_its_labels_do_not_overlap():
+    """Alphas 0, 0.25, 0.5 sit a hair apart in sqrt(KL); their labels must not print on top of each
+    other; the title names the subject, alpha and rule; trust-region draws its edge."""
+    from expo_eval.report import kl_figure
+
+    def at(alpha, kl, score):
+        stats = {name: ScoreStats(mean=score, median=score, stderr=0.05) for name in ("/m/rm_a", "/m/rm_b")}
+        return CandidateResult(alpha=alpha, label=f"alpha={alpha:g}", split="select", n=100, scores=stats,
+                               mean_tokens=20, length_cut_share=0, repetition=0, kl=kl, kl_stderr=0.002)
+
+    results = [at(a, 0.02 * (1 + a) ** 2, 1 + 0.1 * a) for a in (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)]
+    selection = Selection("/m/rm_a", "trust-region", others=("/m/rm_b",))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = kl_figure(results, results[4], selection, "ExPO of dpo from sft")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    assert fig.get_suptitle() == "ExPO of dpo from sft: alpha 1 chosen by trust-region"
+    for ax in fig.axes:
+        boxes = [text.get_window_extent(renderer) for text in ax.texts]
+        assert len(boxes) >= 4 and "1" in [t.get_text() for t in ax.texts]  # the chosen alpha is always labelled
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert ax.get_ylabel() in ("rm_a (chooses)", "rm_b (chooses)")
+        assert any(line.get_linestyle() == "--" for line in ax.get_lines())  # the region's edge

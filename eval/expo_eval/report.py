@@ -9,13 +9,14 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import yaml
 
 from expo_eval.files import replace_report, write_atomic, write_text
 from expo_eval.records import CandidateResult, Generation
-from expo_eval.selection import Selection
+from expo_eval.scoring import FUNCTION_SPEC
+from expo_eval.selection import Selection, kl_distance
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -42,6 +43,59 @@ def scorers(results: List[CandidateResult], selector: str) -> List[str]:
     for result in results:
         names.update(dict.fromkeys(result.scores))
     return list(names)
+
+
+def short_names(names: Sequence[str]) -> Dict[str, str]:
+    """Labels for a figure: a `module:function` scorer by its function, a folder or Hub ID by its
+    last part (`#objective=K` kept; with its parent when it is only a letter or two), with more
+    of the path wherever two would read the same."""
+    def parts(name: str) -> List[str]:
+        model, _, objective = name.partition("#")
+        if FUNCTION_SPEC.match(model):
+            return [model.partition(":")[2]]
+        pieces = [p for p in model.replace("\\", "/").split("/") if p not in ("", ".")] or [model]
+        return [piece + (f"#{objective}" if objective and i == 0 else "") for i, piece in enumerate(reversed(pieces))]
+
+    split = {name: parts(name) for name in names}
+    depth = {name: 2 if len(split[name][0]) < 3 and len(split[name]) > 1 else 1 for name in names}  # not just "a"
+    while True:
+        labels = {name: "/".join(reversed(split[name][: depth[name]])) for name in names}
+        clashing = [n for n in names if list(labels.values()).count(labels[n]) > 1 and depth[n] < len(split[n])]
+        if not clashing:
+            return labels
+        for name in clashing:
+            depth[name] += 1
+
+
+def recipe_subject(recipe) -> str:
+    """What a sweep's figures are of: its aligned model(s) and theta0, by short names."""
+    base = recipe.base_model.model.path
+    aligned = [m.model.model.path for m in recipe.models or [] if m.model != recipe.base_model]
+    short = short_names([base, *aligned])
+    return f"ExPO of {', '.join(short[a] for a in aligned)} from {short[base]}"
+
+
+def figure_title(subject: str, chosen: CandidateResult, selection: Selection) -> str:
+    return f"{subject}: alpha {chosen.alpha:g} chosen by {selection.rule}"
+
+
+def _spaced_labels(ax, points: List[tuple], min_gap: float = 0.05) -> None:
+    """Alpha labels beside points (x, y, text, bold) that stay apart: each goes above its point,
+    else below, else is left out when both would sit within `min_gap` (a share of the axes) of
+    a label already placed."""
+    ax.margins(x=0.05, y=0.15)  # room for the labels inside the frame
+    ax.autoscale_view()
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    placed = []
+    for x, y, text, bold in sorted(points, key=lambda p: (not p[3], p[0])):  # the chosen alpha first
+        u, v = (x - x0) / ((x1 - x0) or 1), (y - y0) / ((y1 - y0) or 1)
+        for dv, offset in ((0.04, (0, 6)), (-0.06, (0, -13))):
+            spot = (u, v + dv)
+            if all(abs(spot[0] - a) > min_gap or abs(spot[1] - b) > min_gap for a, b in placed):
+                placed.append(spot)
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, ha="center",
+                            fontsize="small", fontweight="bold" if bold else "normal")
+                break
 
 
 def results_document(
@@ -235,7 +289,7 @@ def _alpha_series(results: List[CandidateResult], split: str) -> List[CandidateR
     return [r for r in ordered(results) if r.split == split and r.alpha is not None]
 
 
-def reward_figure(results: List[CandidateResult], chosen: CandidateResult, selector: str):
+def reward_figure(results: List[CandidateResult], chosen: CandidateResult, selection: Selection, subject: str):
     """Mean ± stderr of every scorer against alpha, length below (the paper's Figure 4).
 
     One panel per scorer, since reward models do not share a scale; crosses mark
@@ -243,8 +297,11 @@ def reward_figure(results: List[CandidateResult], chosen: CandidateResult, selec
     """
     from matplotlib.figure import Figure
 
+    selector = selection.scorer
     names = scorers(results, selector)
+    short = short_names(names)
     fig = Figure(figsize=(7, 2.6 * (len(names) + 1)), layout="constrained")
+    fig.suptitle(figure_title(subject, chosen, selection))
     axes = fig.subplots(len(names) + 1, 1, sharex=True, squeeze=False)[:, 0]
     splits = [s for s in SPLIT_ORDER if any(r.split == s for r in results)]
     for ax, name in zip(axes, names):
@@ -275,7 +332,7 @@ def reward_figure(results: List[CandidateResult], chosen: CandidateResult, selec
             if sft:
                 ax.axhline(sft[0].score(name), color="grey", linestyle=":", label="SFT model")
         ax.axvline(chosen.alpha, color="green", alpha=0.4, label=f"chosen alpha={chosen.alpha:g}")
-        ax.set_ylabel(f"{name}{' (selector)' if name == selector else ''}")
+        ax.set_ylabel(short[name] + (" (chooses)" if name in selection.scorers else ""))
     length = axes[-1]
     cut_share = length.twinx()
     length_panels = (
@@ -333,8 +390,8 @@ def distribution_figure(
     boxes = [(r, scores) for r, scores in boxes if scores]
     fig = Figure(figsize=(max(5, 0.8 * len(boxes) + 2), 4), layout="constrained")
     ax = fig.subplots()
-    ax.set_ylabel(f"{selector} per response")
-    ax.set_title("score distribution per candidate (select prompts)")
+    ax.set_ylabel(f"{short_names([selector])[selector]} per response")
+    ax.set_title(f"{selector}: score per response on the select prompts", fontsize="medium")
     if not boxes:
         ax.text(
             0.5, 0.5, "no per-response scores", ha="center", va="center", transform=ax.transAxes
@@ -350,26 +407,37 @@ def distribution_figure(
     return fig
 
 
-def kl_figure(results: List[CandidateResult], chosen: CandidateResult, selector: str):
+def kl_figure(results: List[CandidateResult], chosen: CandidateResult, selection: Selection, subject: str):
     """Every scorer against sqrt(KL(candidate || theta0)) on the select prompts: the picture
     of reward-model overoptimization (a proxy keeps rising while true quality peaks and
-    falls), with each point labelled by its alpha."""
+    falls), each point labelled by its alpha, the chosen one ringed; for trust-region, the
+    region's edge."""
     from matplotlib.figure import Figure
 
-    names = scorers(results, selector)
-    fig = Figure(figsize=(7, 2.6 * len(names)), layout="constrained")
+    names = scorers(results, selection.scorer)
+    short = short_names(names)
+    fig = Figure(figsize=(7, 2.6 * len(names) + 0.6), layout="constrained")
+    fig.suptitle(figure_title(subject, chosen, selection))
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
     series = [r for r in _alpha_series(results, "select") if r.kl is not None]
-    distance = [max(r.kl, 0.0) ** 0.5 for r in series]
+    distance = {r.alpha: max(r.kl, 0.0) ** 0.5 for r in series}
+    theta1 = next((r for r in series if r.alpha == 0), None)
+    reach = kl_distance(theta1, theta1) if selection.rule == "trust-region" and theta1 is not None else None
+    edge = selection.radius * reach ** 0.5 if reach is not None else None
     for ax, name in zip(axes, names):
-        points = [(d, r) for d, r in zip(distance, series) if name in r.scores]
-        ax.errorbar([d for d, _ in points], [r.score(name) for _, r in points],
-                    yerr=[r.scores[name].stderr for _, r in points], marker="o", capsize=3)
-        for d, r in points:
-            ax.annotate(f"{r.alpha:g}", (d, r.score(name)), textcoords="offset points", xytext=(4, 4),
-                        fontsize="small", fontweight="bold" if r.alpha == chosen.alpha else "normal")
-        ax.set_ylabel(f"{name}{' (selector)' if name == selector else ''}")
+        points = [r for r in series if name in r.scores]
+        ax.errorbar([distance[r.alpha] for r in points], [r.score(name) for r in points],
+                    yerr=[r.scores[name].stderr for r in points], marker="o", capsize=3, zorder=2)
+        picked = [r for r in points if r.alpha == chosen.alpha]
+        ax.scatter([distance[r.alpha] for r in picked], [r.score(name) for r in picked], s=160, facecolors="none",
+                   edgecolors="green", linewidths=2, zorder=3, label=f"chosen alpha={chosen.alpha:g}")
+        if edge is not None:
+            ax.axvline(edge, color="grey", linestyle="--", label=f"trust region's edge: {selection.radius:g}x theta1's distance "
+                       "at its upper bound (a point counts by its lower bound)")
+        _spaced_labels(ax, [(distance[r.alpha], r.score(name), f"{r.alpha:g}", r.alpha == chosen.alpha) for r in points])
+        ax.set_ylabel(short[name] + (" (chooses)" if name in selection.scorers else ""))
     axes[-1].set_xlabel("sqrt(KL(candidate || theta0)), nats^0.5 per response (labels: alpha)")
+    fig.legend(*_legend_entries(*axes), loc="outside lower center", ncols=1, fontsize="small")
     return fig
 
 
@@ -377,16 +445,17 @@ def write_plots(
     out_dir: Path,
     results: List[CandidateResult],
     chosen: CandidateResult,
-    selector: str,
+    selection: Selection,
     generations: Dict[str, List[Generation]],
+    subject: str,
 ) -> None:
     """reward_vs_alpha.png, reward_distributions.png and reward_vs_kl.png."""
     figures = {
-        "reward_vs_alpha.png": reward_figure(results, chosen, selector),
-        "reward_distributions.png": distribution_figure(results, chosen, selector, generations),
+        "reward_vs_alpha.png": reward_figure(results, chosen, selection, subject),
+        "reward_distributions.png": distribution_figure(results, chosen, selection.scorer, generations),
     }
-    if any(r.kl is not None for r in results):
-        figures["reward_vs_kl.png"] = kl_figure(results, chosen, selector)
+    if any(r.kl is not None and r.alpha == 0 and r.split == "select" for r in results):
+        figures["reward_vs_kl.png"] = kl_figure(results, chosen, selection, subject)
     for name, fig in figures.items():
         write_atomic(out_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=120))
 
@@ -432,6 +501,7 @@ def write_report(
     generations: Dict[str, List[Generation]],
     timing: Optional[dict] = None,
     inputs: Optional[dict] = None,
+    subject: str = "ExPO",
 ) -> None:
     """results.json, results.csv, best.yaml, card_table.md, generations/, alpaca_eval/ and the
     plots, written aside and swapped in once all are (files.replace_report): the folder holds
@@ -449,7 +519,7 @@ def write_report(
         write_text(folder / "card_table.md", card_table(results, chosen, selection))
         write_generations(folder, generations)
         write_alpaca_eval(folder, results, chosen, generations)
-        write_plots(folder, results, chosen, selection.scorer, generations)
+        write_plots(folder, results, chosen, selection, generations, subject)
 
     replace_report(out_dir, write)
 

@@ -26,7 +26,7 @@ from expo_eval.phases.judge import judge_results
 from expo_eval.phases.score import Scoring
 from expo_eval.phases.summary import label, order, summarize
 from expo_eval.records import CandidateResult, Generation, Split
-from expo_eval.report import print_table, write_report
+from expo_eval.report import print_table, recipe_subject, write_report
 from expo_eval.scoring import Scorer, given_scorer_name
 from expo_eval.search import (
     capability_flags,
@@ -153,7 +153,7 @@ class Sweep:
             flags += capability_flags(results, chosen)
             self._check_inputs_unchanged()
             write_report(config.out, results, chosen, self.recipe_text, selection, flags, self.generations,
-                         {"startup_s": self.startup_seconds}, self.inputs)
+                         {"startup_s": self.startup_seconds}, self.inputs, recipe_subject(self.read.given_recipe))
             return flags
 
         flags = report()
