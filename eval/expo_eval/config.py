@@ -144,7 +144,7 @@ class SweepConfig(BaseModel):
     select: Rule = Field(
         DEFAULT_RULE,
         description="How alpha is chosen: trust-region (the scorers' mean standardized gain, among candidates no further "
-        "from theta0 than twice theta1's distance sqrt(KL), less a worst-case error charge on the KL beyond first "
+        "from theta0 than 1.5x theta1's distance sqrt(KL) and rated by no scorer clearly below alpha 0, less a worst-case error charge on the KL beyond first "
         "order), agreement (out from alpha 0 while every scorer keeps rising and the KL grows as a first-order step "
         "predicts), kl-bound (reward less what its errors could gain at the candidate's KL from theta0) or "
         "reward-max (the paper's highest mean reward).",

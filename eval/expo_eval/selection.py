@@ -7,20 +7,25 @@ region the size of the alignment step itself, and charges what it cannot explain
 
 - the region: to first order log pi_alpha - log pi_0 = (1 + alpha) (log pi_1 - log pi_0), so
   sqrt(KL(candidate || theta0)) is a distance that grows as (1 + alpha) sqrt(KL(theta1 || theta0)).
-  A candidate is considered only while that distance is at most TRUST_RADIUS (2) times theta1's:
-  no further from theta0 than alignment went, once more (KL at most 4x theta1's, its lower
-  confidence bound against theta1's upper one). A ratio, so the same at 0.01 nats on short answers
-  and 20 nats on long ones, where the KL measures length as much as change;
+  A candidate is considered only while that distance is at most TRUST_RADIUS (1.5) times theta1's:
+  half an alignment step beyond theta1 (KL at most 2.25x theta1's, its lower confidence bound
+  against theta1's upper one). A ratio, so the same at 0.01 nats on short answers and 20 nats on
+  long ones, where the KL measures length as much as change. Nor is a candidate considered that
+  one scorer rates clearly (FALL_Z standard errors) below alpha = 0;
 - the value: the scorers' mean standardized gain over alpha = 0 (each scorer's mean difference in
   units of its own per-response spread on theta1: reward models of any scale compare, independent
   errors average out) less kl-bound's worst-case error charge on the KL beyond first order only,
-  sigma_e / sd * sqrt(2 * max(KL - (1 + alpha)^2 KL(theta1 || theta0), 0)): the part of the move
-  that is not the step any more is where a reward model's errors can be exploited.
+  sigma_e / sd * sqrt(2 * max(KL - (1 + alpha)^2 KL(theta1 || theta0), 0)), both KLs at their upper
+  bounds: the part of the move that is not the step any more is where a reward model's errors can
+  be exploited. That charge is in nats, as the Donsker-Varadhan bound is: zero along the
+  first-order path at any scale, but a 10% faster growth at 20 nats is charged as 8 nats, and a
+  candidate's estimate noisier than theta1's is charged its noise (more --kl-prompts narrow it).
+  Charging only the lower bound's excess, or the excess as a share of first order, did worse in
+  the demo's long-answer regime (the docs' "Choosing alpha" page has the figures).
 
-What it gives up: gains beyond one more step (alpha above about 1 at first order), which
-under-trained checkpoints sometimes have (the paper's alpha 8 for DPO at 10% of an epoch). With
-one scorer the same region holds; the sweep says so and suggests a second, independently
-trained scorer.
+What it gives up: gains beyond half a step more (alpha above about 0.5 at first order), which
+under-trained checkpoints have (the paper's alpha 8 for DPO at 10% of an epoch). With one scorer
+the same region holds; the sweep says so and suggests a second, independently trained scorer.
 
 `agreement` walks out from alpha = 0 while every scorer keeps rising (none falls FALL_Z standard
 errors below its best) and the KL grows at most KL_GROWTH times first order; it follows reward
@@ -56,8 +61,10 @@ DEFAULT_REWARD_ACCURACY = 0.75
 # charged is the estimate plus this many.
 KL_Z = 2.0
 # trust-region: how far from theta0 a candidate may be, as a multiple of theta1's distance
-# sqrt(KL(theta1 || theta0)): 2 is one more step as long as alignment's own.
-TRUST_RADIUS = 2.0
+# sqrt(KL(theta1 || theta0)): 1.5 is half a step more. Of 1.5, 2 and 3 measured in the demo
+# (3 seeds x 4 checkpoints x 2 regimes), 1.5 came nearest the oracle in both regimes; 2 and 3
+# followed both reward models into a collapse at 7-30 nats.
+TRUST_RADIUS = 1.5
 # How much faster than the first-order (1 + alpha)^2 KL(theta1 || theta0) the KL may grow before
 # the step is no longer along the direction alignment took: a factor, not a distance.
 KL_GROWTH = 2.0
@@ -90,6 +97,9 @@ class Selection:
         accuracy = self.reward_accuracy
         if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0.5 <= accuracy <= 1:
             raise ValueError(f"reward_accuracy is a pairwise accuracy in [0.5, 1], got {self.reward_accuracy}")
+        radius = self.radius
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 1 <= radius < math.inf:
+            raise ValueError(f"radius is a finite multiple of theta1's distance, at least 1, got {self.radius!r}")
 
     @property
     def scorers(self) -> Tuple[str, ...]:
@@ -144,7 +154,8 @@ class Selection:
         return gain - math.cos(math.pi * (self.reward_accuracy - 0.5)) * math.sqrt(2 * excess)
 
     def outside(self, result: CandidateResult, baseline: CandidateResult) -> Optional[str]:
-        """Why a candidate lies outside trust-region's region (None: inside)."""
+        """Why a candidate lies outside trust-region's region (None: inside): its KL cannot be
+        placed, it is too far from theta0, or a scorer rates it clearly below alpha = 0."""
         needs_kl(result, self.rule)
         problem = kl_problem(baseline, baseline) or kl_problem(result, baseline)
         if problem is not None:
@@ -154,7 +165,7 @@ class Selection:
         if lower > self.radius ** 2 * theta1:
             return (f"KL(candidate || theta0) {result.kl:.3g} ± {result.kl_stderr or 0:.2g} is beyond {self.radius ** 2:g}x "
                     f"theta1's (at most {theta1:.3g} nats): further from theta0 than {self.radius:g} alignment steps")
-        return None
+        return stop_reason(result, {s: baseline for s in self.spread_scorers(baseline)}, baseline, math.inf, FALL_Z)
 
     def path(self, candidates: List[CandidateResult], baseline: Optional[CandidateResult]) -> Tuple[List[CandidateResult], List[str]]:
         """`agreement`'s walk out from alpha = 0 on each side: the candidates before the first that
@@ -190,12 +201,28 @@ class Selection:
         if self.rule == "trust-region":
             if baseline is None:
                 return []
-            select = sorted((r for r in results if r.split == "select" and r.alpha not in (None, 0)), key=lambda r: r.alpha)
-            outside = [(r, why) for r in select for why in [self.outside(r, baseline)] if why is not None]
-            notes = [f"trust-region left out {r.label}: {why}" for r, why in outside]
-            if len(self.spread_scorers(baseline)) == 1:
+            used = self.spread_scorers(baseline)
+            notes = [
+                f"{s} had no spread of scores on alpha=0 ({baseline.n} prompts), so trust-region left it out: "
+                "it cannot say whether a candidate is better"
+                for s in self.scorers
+                if s not in used
+            ]
+            unplaced = kl_problem(needs_kl(baseline, self.rule), baseline)
+            if unplaced is not None:
+                notes.append(f"trust-region kept alpha=0: alpha=0's {unplaced}, so no candidate can be placed against it")
+            else:
+                if baseline.kl < KL_Z * (baseline.kl_stderr or 0.0):
+                    notes.append(
+                        f"alpha=0's KL {baseline.kl:.3g} ± {baseline.kl_stderr:.2g} cannot be told from zero, so the "
+                        "region rests on its upper bound and is wider than it looks: give more --kl-prompts"
+                    )
+                select = sorted((r for r in results if r.split == "select" and r.alpha not in (None, 0)), key=lambda r: r.alpha)
+                outside = [(r, why) for r in select for why in [self.outside(r, baseline)] if why is not None]
+                notes += [f"trust-region left out {r.label}: {why}" for r, why in outside]
+            if len(used) == 1:
                 notes.append(
-                    f"trust-region had one scorer ({self.scorer}): within the region nothing checks it against another "
+                    f"trust-region had one scorer ({used[0]}): within the region nothing checks it against another "
                     "reward model's view; add a second reward model trained on other data (--reward-model; with "
                     "--select-with, name it there too)"
                 )
@@ -260,8 +287,8 @@ class Selection:
         if self.rule == "trust-region":
             return (
                 f"trust-region of {', '.join(self.scorers)} (candidates no further from theta0 than {self.radius:g}x "
-                "theta1's distance sqrt(KL); the highest mean standardized gain less the worst-case error charge on "
-                "the KL beyond first order)"
+                f"theta1's distance sqrt(KL) and no scorer {FALL_Z:g} SE below alpha 0; the highest mean standardized "
+                "gain less the worst-case error charge on the KL beyond first order)"
             )
         if self.rule == "reward-max":
             return f"reward-max (the highest mean of {self.scorer})"
