@@ -36,8 +36,9 @@ def imported_names(module: str, path: Path) -> List[tuple]:
 
 
 def graph() -> Dict[str, Set[str]]:
-    """Module -> the project modules it imports (a package's own __init__ does not count: importing
-    pkg.sub runs it, and it is not a dependency of pkg.sub's design)."""
+    """Module -> the project modules it imports. A package's own __init__ counts only where a name
+    is taken from it (`from pkg import name`, name no submodule): importing pkg.sub runs it too,
+    but that is no dependency of pkg.sub's design."""
     found = modules()
 
     def owner(name: str):
@@ -51,7 +52,9 @@ def graph() -> Dict[str, Set[str]]:
         for _, base, members in imported_names(module, path):
             for target in [f"{base}.{m}" if f"{base}.{m}" in found else base for m in members] or [base]:
                 resolved = owner(target)
-                if resolved and resolved != module and not module.startswith(resolved + "."):
+                # a name taken from a package's __init__ (not a submodule) depends on that __init__
+                from_init = bool(members) and resolved == base and base in found
+                if resolved and resolved != module and (from_init or not module.startswith(resolved + ".")):
                     targets.add(resolved)
         edges[module] = targets
     return edges
@@ -100,6 +103,17 @@ def test_no_import_cycle():
         " <-> ".join(component) + ": " + "; ".join(f"{m} -> {sorted(edges[m] & set(component))}" for m in component)
         for component in cycles(edges)
     )
+
+
+def test_a_name_taken_from_a_package_init_is_an_edge_to_it(tmp_path, monkeypatch):
+    """pkg/__init__ imports pkg.core, and core takes a name from pkg: a real cycle (`import pkg`
+    fails with a partially initialized module)."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from pkg.core import f\ng = 1\n")
+    (package / "core.py").write_text("from pkg import g\n\ndef f():\n    return g\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGES", {"pkg": package})
+    assert cycles(graph()) == [["pkg", "pkg.core"]]
 
 
 def test_cycles_are_found():

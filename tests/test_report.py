@@ -226,6 +226,8 @@ def test_figure_labels_are_short_and_distinct():
         "/y/one/rm": "y/one/rm",
         "org/ArmoRM#objective=2": "ArmoRM#objective=2",
     }
+    assert short_names(["pkg.a:score", "pkg.b:score", "/runs/ab", "/runs/ab/"]) == {
+        "pkg.a:score": "a:score", "pkg.b:score": "b:score", "/runs/ab": "/runs/ab", "/runs/ab/": "/runs/ab/"}
     assert recipe_subject(MergeConfiguration.model_validate(yaml.safe_load(RECIPE))) == "ExPO of dpo from sft"
 
 

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
@@ -48,19 +49,23 @@ def scorers(results: List[CandidateResult], selector: str) -> List[str]:
 def short_names(names: Sequence[str]) -> Dict[str, str]:
     """Labels for a figure: a `module:function` scorer by its function, a folder or Hub ID by its
     last part (`#objective=K` kept; with its parent when it is only a letter or two), with more
-    of the path wherever two would read the same."""
-    def parts(name: str) -> List[str]:
+    of the name wherever two would read the same, the whole name as the last resort."""
+    def choices(name: str) -> List[str]:
         model, _, objective = name.partition("#")
         if FUNCTION_SPEC.match(model):
-            return [model.partition(":")[2]]
+            module, _, function = model.partition(":")
+            parts = module.split(".")
+            return [function] + [f"{'.'.join(parts[-k:])}:{function}" for k in range(1, len(parts) + 1)] + [name]
         pieces = [p for p in model.replace("\\", "/").split("/") if p not in ("", ".")] or [model]
-        return [piece + (f"#{objective}" if objective and i == 0 else "") for i, piece in enumerate(reversed(pieces))]
+        suffix = f"#{objective}" if objective else ""
+        labels = ["/".join(pieces[-k:]) + suffix for k in range(1, len(pieces) + 1)] + [name]
+        return labels[1:] if len(pieces[-1]) < 3 and len(pieces) > 1 else labels  # not just "a"
 
-    split = {name: parts(name) for name in names}
-    depth = {name: 2 if len(split[name][0]) < 3 and len(split[name]) > 1 else 1 for name in names}  # not just "a"
+    options = {name: choices(name) for name in dict.fromkeys(names)}
+    depth = dict.fromkeys(options, 0)
     while True:
-        labels = {name: "/".join(reversed(split[name][: depth[name]])) for name in names}
-        clashing = [n for n in names if list(labels.values()).count(labels[n]) > 1 and depth[n] < len(split[n])]
+        labels = {name: options[name][depth[name]] for name in options}
+        clashing = [n for n in options if list(labels.values()).count(labels[n]) > 1 and depth[n] < len(options[n]) - 1]
         if not clashing:
             return labels
         for name in clashing:
@@ -81,17 +86,18 @@ def figure_title(subject: str, chosen: CandidateResult, selection: Selection) ->
 
 def _spaced_labels(ax, points: List[tuple], min_gap: float = 0.05) -> None:
     """Alpha labels beside points (x, y, text, bold) that stay apart: each goes above its point,
-    else below, else is left out when both would sit within `min_gap` (a share of the axes) of
-    a label already placed."""
+    else below, else is left out when both would overlap a label already placed (by their
+    widths across, `min_gap` of the axes up and down)."""
     ax.margins(x=0.05, y=0.15)  # room for the labels inside the frame
     ax.autoscale_view()
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
     placed = []
     for x, y, text, bold in sorted(points, key=lambda p: (not p[3], p[0])):  # the chosen alpha first
         u, v = (x - x0) / ((x1 - x0) or 1), (y - y0) / ((y1 - y0) or 1)
+        half = max(min_gap, 0.012 * len(text))  # about half a small label's width, as a share of the axes
         for dv, offset in ((0.04, (0, 6)), (-0.06, (0, -13))):
-            spot = (u, v + dv)
-            if all(abs(spot[0] - a) > min_gap or abs(spot[1] - b) > min_gap for a, b in placed):
+            spot = (u, v + dv, half)
+            if all(abs(spot[0] - a) > half + w or abs(spot[1] - b) > min_gap for a, b, w in placed):
                 placed.append(spot)
                 ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, ha="center",
                             fontsize="small", fontweight="bold" if bold else "normal")
@@ -419,7 +425,7 @@ def kl_figure(results: List[CandidateResult], chosen: CandidateResult, selection
     fig = Figure(figsize=(7, 2.6 * len(names) + 0.6), layout="constrained")
     fig.suptitle(figure_title(subject, chosen, selection))
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
-    series = [r for r in _alpha_series(results, "select") if r.kl is not None]
+    series = [r for r in _alpha_series(results, "select") if r.kl is not None and math.isfinite(r.kl)]
     distance = {r.alpha: max(r.kl, 0.0) ** 0.5 for r in series}
     theta1 = next((r for r in series if r.alpha == 0), None)
     reach = kl_distance(theta1, theta1) if selection.rule == "trust-region" and theta1 is not None else None
@@ -436,7 +442,9 @@ def kl_figure(results: List[CandidateResult], chosen: CandidateResult, selection
                        "at its upper bound (a point counts by its lower bound)")
         _spaced_labels(ax, [(distance[r.alpha], r.score(name), f"{r.alpha:g}", r.alpha == chosen.alpha) for r in points])
         ax.set_ylabel(short[name] + (" (chooses)" if name in selection.scorers else ""))
-    axes[-1].set_xlabel("sqrt(KL(candidate || theta0)), nats^0.5 per response (labels: alpha)")
+    left_out = [r.label for r in _alpha_series(results, "select") if r.kl is None or not math.isfinite(r.kl)]
+    axes[-1].set_xlabel("sqrt(KL(candidate || theta0)), nats^0.5 per response (labels: alpha)"
+                        + (f"\nnot shown, no finite KL: {', '.join(left_out)}" if left_out else ""))
     fig.legend(*_legend_entries(*axes), loc="outside lower center", ncols=1, fontsize="small")
     return fig
 

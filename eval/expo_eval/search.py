@@ -19,8 +19,8 @@ from expo_eval.selection import DEFAULT_RULE, Selection, SelectionError, baselin
 # A quarter of the prompts newly running into the length limit: the paper's "never emits
 # EOS" failure, far outside sampling noise (a share's stderr on >= 100 prompts is <= 0.05).
 CUT_SHARE_JUMP = 0.25
-# Mean share of repeated word 4-grams: fluent prose repeats about 1% of its 4-grams (this
-# repository's README, 0.009), a looping answer most; 0.2 more than theta1 is looping.
+# Mean share of repeated word 4-grams: fluent prose repeats about 1% of its 4-grams (0.009 on
+# this project's English reference text, measured once), a looping answer most; 0.2 more than theta1 is looping.
 REPETITION_JUMP = 0.2
 # The selector's mean falls by more than this many per-response standard deviations of
 # theta1's scores: a standardized effect size, so independent of the reward model's scale
