@@ -39,12 +39,13 @@ TABLE_6 = [
 ]
 
 
-def paper_curve(r0, r_best, alpha_best, kl_theta1, scale=1.0, growth=1.0, scorers=(RM_MISTRAL,)):
-    """alpha 0, the grid up to the paper's optimum (reward rising linearly, as the paper's
-    curves do before their peak) and one step past it (flat), with the first-order KL times
-    `growth`. Every scorer sees the same gain, each in its own units (`scale` multiplies the
-    second one's)."""
-    alphas = [alpha_best * k / 4 for k in range(1, 5)] + [alpha_best * 1.25]
+def paper_curve(r0, r_best, alpha_best, kl_theta1, scale=1.0, growth=1.0, scorers=(RM_MISTRAL,), alphas=None):
+    """alpha 0 and `alphas` (default: the grid up to the paper's optimum and one step past it),
+    the reward rising linearly to the paper's optimum, as the paper's curves do before their
+    peak, and flat past it; the first-order KL times `growth`. Every scorer sees the same gain,
+    each in its own units (`scale` multiplies the second one's)."""
+    if alphas is None:
+        alphas = [alpha_best * k / 4 for k in range(1, 5)] + [alpha_best * 1.25]
     stderr = SPREAD / math.sqrt(PROMPTS)
     results = []
     for alpha in [0.0, *alphas]:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 from test_search import candidate
-from test_selection_agreement import ACCURACY, FSFAIRX, PROMPTS, RM_MISTRAL, SPREAD, TABLE_2, TABLE_6
+from test_selection_agreement import ACCURACY, FSFAIRX, RM_MISTRAL, TABLE_2, TABLE_6, paper_curve
 
 from expo_eval.search import choose_alpha
 from expo_eval.selection import Selection
@@ -19,19 +19,8 @@ GRID = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
 
 
 def sweep(r0, r_best, alpha_best, kl_theta1, growth=1.0, scorers=(RM_MISTRAL,), scale=1.0):
-    """Every grid alpha: the reward rising linearly to the paper's alpha, flat past it; the KL at
-    `growth` times first order. Each scorer sees the same gain in its own units."""
-    stderr = SPREAD / math.sqrt(PROMPTS)
-    results = []
-    for alpha in (0.0, *GRID):
-        reward = r0 + (r_best - r0) * min(alpha / alpha_best, 1.0)
-        result = candidate(alpha, {s: reward * (scale if i else 1.0) for i, s in enumerate(scorers)}, stderr=stderr)
-        result = result.model_copy(update={"n": PROMPTS})
-        result.scores.update({s: result.scores[s].model_copy(update={"stderr": stderr * (scale if i else 1.0)})
-                              for i, s in enumerate(scorers)})
-        kl = (1 + alpha) ** 2 * kl_theta1 * (growth if alpha else 1.0)
-        results.append(result.model_copy(update={"kl": kl, "kl_stderr": 0.03 * kl}))
-    return results
+    """Every grid alpha on the paper's curve (test_selection_agreement.paper_curve)."""
+    return paper_curve(r0, r_best, alpha_best, kl_theta1, scale, growth, scorers, alphas=GRID)
 
 
 @pytest.mark.parametrize("kl_theta1", [1.0, 5.0, 20.0])
